@@ -256,6 +256,8 @@ def load_gsm8k(split, data_path=""):
             path = os.path.join(path, f"{split}.jsonl")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GSM8K {split} file {path!r} does not exist")
+        if not open(path).read().strip():
+            raise ValueError(f"dataset {path!r} is empty")
         ds = load_dataset("json", data_files=path, split="train")
     else:
         ds = load_dataset(GSM8K_HUB, "main", split=split)
@@ -446,8 +448,13 @@ def completion_mask(completion_ids, eos_ids):
 
 @torch.no_grad()
 def generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature=1.0,
-             top_p=1.0, greedy=False):
-    """Sample `group_size` completions per prompt with Hugging Face generate (the readable path)."""
+             top_p=1.0, greedy=False, fast=False):
+    """Sample `group_size` completions per prompt with Hugging Face generate (the readable path).
+
+    fast=True takes fast_generate instead: the same sampling from a static-KV-cache decode loop.
+    """
+    if fast:
+        return fast_generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_p, greedy)
     from transformers import GenerationConfig
     eos = eos_token_ids(model, tok)
     ids = prompt_ids.repeat_interleave(group_size, 0)
@@ -469,6 +476,262 @@ def make_rollout(tok, prompt_ids, prompt_mask, completion_ids, eos):
     completion_ids = torch.where(cmask.bool(), completion_ids, tok.pad_token_id)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, completion_ids, cmask, cmask.sum(1), truncated, texts)
+
+
+# -----------------------------------------------------------------------------
+# fast rollout: generate()'s sampling from a hand-written decode loop with a static KV cache
+#
+# Hugging Face generate() spends a decode step mostly in Python (cache and mask bookkeeping,
+# logits processors, stopping criteria, a host sync in torch.multinomial) and, under bf16
+# autocast, re-casts every fp32 weight on every step. This loop runs the decoder of a
+# Qwen2/Llama-style model from bf16 copies of its weights made once per rollout, writes keys and
+# values into a cache allocated once, and on CUDA replays each one-token step as a CUDA graph.
+# It mirrors the plain path: the numerics of autocast (fp32 residual stream and RMSNorm, bf16
+# matmuls and attention; plain fp32 on CPU), left-padded prompts with positions counted from the
+# first real token, tokens drawn as generate() draws them (temperature, then top-p, then the
+# exponential race torch.multinomial runs for one sample, so the same seed gives the same
+# tokens), the pad token after EOS, and a stop once every row has ended.
+
+FAST_ROLLOUT_ARCHS = ("qwen2", "llama")
+
+
+def check_fast_rollout(model):
+    """Raise NotImplementedError, saying why, unless the fast rollout supports this model."""
+    cfg, base = model.config, model.base_model
+    rope = getattr(getattr(base, "rotary_emb", None), "rope_type", None)
+    problems = []
+    if getattr(cfg, "model_type", None) not in FAST_ROLLOUT_ARCHS:
+        problems.append(f"model_type {getattr(cfg, 'model_type', None)!r} (supported: {', '.join(FAST_ROLLOUT_ARCHS)})")
+    if getattr(cfg, "use_sliding_window", False):
+        problems.append("sliding-window attention")
+    if rope is None or rope in ("dynamic", "longrope"):  # these rescale with the sequence length
+        problems.append(f"rotary embedding type {rope!r}")
+    if problems:
+        raise NotImplementedError(f"fast rollout does not support {'; '.join(problems)}: "
+                                  "use the plain path (fast=False, --fast_rollout=false)")
+
+
+def _rotate_half(x):
+    """(x1, x2) -> (-x2, x1) over the last dim, the rotary-embedding helper of Hugging Face models."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _linear(x, wb):
+    """x @ W^T + b for a (weight, bias-or-None) pair."""
+    return F.linear(x, wb[0], wb[1])
+
+
+class StaticDecoder:
+    """Prefill and one-token decode steps of a Qwen2/Llama-style decoder over a preallocated KV cache.
+
+    dtype is the matmul and attention dtype (bf16 on CUDA, like autocast); the residual stream,
+    RMSNorm and rotary tables stay in the embedding's dtype (fp32 master weights), as under autocast.
+    """
+
+    def __init__(self, model, batch, cache_len, dtype):
+        base, cfg = model.base_model, model.config
+        self.base, self.dtype = base, dtype
+        emb = base.embed_tokens.weight
+        attn = base.layers[0].self_attn
+        self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = attn.head_dim
+        self.scale = getattr(attn, "scaling", self.hd ** -0.5)
+
+        def fuse(*lins):  # (weight, bias) of one matmul for several projections, copied once in `dtype`
+            w = torch.cat([l.weight.detach().to(dtype) for l in lins])
+            if all(l.bias is None for l in lins):
+                return w, None
+            return w, torch.cat([(l.bias.detach() if l.bias is not None else l.weight.new_zeros(l.out_features)).to(dtype)
+                                 for l in lins])
+        self.w = [(fuse(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj), fuse(l.self_attn.o_proj),
+                   fuse(l.mlp.gate_proj, l.mlp.up_proj), fuse(l.mlp.down_proj)) for l in base.layers]
+        self.mods = [(l.input_layernorm, l.post_attention_layernorm, l.mlp.act_fn) for l in base.layers]
+        self.lm_head = fuse(model.get_output_embeddings())
+        shape = (batch, self.Hkv, cache_len, self.hd)
+        # zeros, not empty: an unfilled slot is masked out, and 0 * garbage could be NaN
+        self.k = [torch.zeros(shape, dtype=dtype, device=emb.device) for _ in base.layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=emb.device) for _ in base.layers]
+        self.valid = torch.zeros(batch, cache_len, dtype=torch.bool, device=emb.device)  # slot holds a real token
+        positions = torch.arange(cache_len, device=emb.device)[None]
+        cos, sin = base.rotary_emb(torch.zeros(1, dtype=emb.dtype, device=emb.device), positions)
+        self.cos, self.sin = cos[0], sin[0]                                   # (cache_len, hd)
+        # the inputs of one decode step, updated in place (a CUDA graph reads them by address)
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=emb.device)  # token fed this step
+        self.pos = torch.zeros(batch, dtype=torch.long, device=emb.device)     # its rotary position
+        self.col = torch.zeros(1, dtype=torch.long, device=emb.device)         # its cache slot
+        self.graphs, self.pool = {}, None
+
+    def _layer(self, i, x, cos, sin, attend):
+        """Decoder layer i on the residual stream x (B, S, D); attend(i, q, k, v) caches k, v and attends."""
+        (norm1, norm2, act), (wqkv, wo, wgu, wd) = self.mods[i], self.w[i]
+        B, S, _ = x.shape
+        H, Hkv = self.H, self.Hkv
+        h = norm1(x).to(self.dtype)
+        qkv = _linear(h, wqkv).view(B, S, H + 2 * Hkv, self.hd).transpose(1, 2)  # (B, H + 2 Hkv, S, hd)
+        qk = qkv[:, :H + Hkv]
+        qk = (qk * cos + _rotate_half(qk) * sin).to(self.dtype)  # rotary in the residual dtype, as under autocast
+        x = x + _linear(attend(i, qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]), wo)
+        gate, up = _linear(norm2(x).to(self.dtype), wgu).chunk(2, dim=-1)
+        return x + _linear(act(gate) * up, wd)
+
+    def _logits(self, x):
+        """(B, V) fp32 logits from the last residual state (B, D)."""
+        return _linear(self.base.norm(x).to(self.dtype), self.lm_head).float()
+
+    def prefill(self, ids, mask):
+        """Run left-padded prompts (B, P) through the model into cache slots [0, P); logits of the last token."""
+        B, P = ids.shape
+        pos = (mask.cumsum(1) - 1).clamp_min(0)                              # positions skip the left padding
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]            # (B, 1, P, hd)
+        self.valid[:, :P] = mask.bool()
+        eye = torch.eye(P, dtype=torch.bool, device=ids.device)
+        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+        allowed = (causal & (mask.bool()[:, None, :] | eye))[:, None]       # (B, 1, P, P); a pad sees itself only
+        rep = self.H // self.Hkv
+
+        def attend(i, q, k, v):
+            self.k[i][:, :, :P], self.v[i][:, :, :P] = k, v
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                               attn_mask=allowed, scale=self.scale)
+            return o.transpose(1, 2).reshape(B, P, self.H * self.hd)
+
+        x = self.base.embed_tokens(ids)
+        for i in range(len(self.w)):
+            x = self._layer(i, x, cos, sin, attend)
+        return self._logits(x[:, -1])
+
+    def step(self, window):
+        """Feed self.tokens at self.pos into cache slot self.col; logits (B, V), attending to slots [0, window)."""
+        B = self.tokens.shape[0]
+        self.valid.index_fill_(1, self.col, True)
+        mask = self.valid[:, None, None, :window]                            # (B, 1, 1, window)
+        cos, sin = self.cos[self.pos][:, None, None], self.sin[self.pos][:, None, None]  # (B, 1, 1, hd)
+        rep = self.H // self.Hkv
+
+        def attend(i, q, k, v):
+            self.k[i].index_copy_(2, self.col, k)
+            self.v[i].index_copy_(2, self.col, v)
+            # grouped-query attention without copying the cache: the `rep` query heads that share
+            # a KV head become `rep` query rows against it (query head h uses KV head h // rep)
+            o = F.scaled_dot_product_attention(q.reshape(B, self.Hkv, rep, self.hd), self.k[i][:, :, :window],
+                                               self.v[i][:, :, :window], attn_mask=mask, scale=self.scale)
+            return o.reshape(B, 1, self.H * self.hd)
+
+        x = self.base.embed_tokens(self.tokens)[:, None]
+        for i in range(len(self.w)):
+            x = self._layer(i, x, cos, sin, attend)
+        return self._logits(x[:, 0])
+
+    def graphed_step(self, window):
+        """step(window) as a CUDA graph: captured on first use of each window, then replayed."""
+        if window not in self.graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS and attention workspaces)
+                for _ in range(2):
+                    eager = self.step(window)  # a step is idempotent: it rewrites the same slot
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            self.pool = self.pool or torch.cuda.graph_pool_handle()  # graphs replay one at a time: share memory
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.step(window)
+            graph.replay()
+            err, scale = (out - eager).abs().max().item(), eager.abs().max().item()
+            if not err <= 0.05 * scale + 1e-3:
+                raise RuntimeError(f"CUDA graph replay of the decode step differs from eager (max |diff| {err:.3g} "
+                                   f"vs max |logit| {scale:.3g}); run the fast rollout with cuda_graphs=False")
+            self.graphs[window] = (graph, out)
+        graph, out = self.graphs[window]
+        graph.replay()
+        return out
+
+
+def sample_tokens(logits, temperature, top_p, greedy):
+    """(B,) next tokens from fp32 logits (B, V), drawn exactly as Hugging Face generate() draws them."""
+    if greedy:
+        return logits.argmax(-1)
+    if temperature != 1.0:                                 # TemperatureLogitsWarper
+        logits = logits / temperature
+    if top_p < 1.0:                                        # TopPLogitsWarper, line for line
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[..., -1:] = False
+        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # torch.multinomial(probs, 1) computes exactly this (an exponential race, argmax of p / E),
+    # after a validity check that syncs with the host; fast_decode checks the logits once, at the end.
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+
+@torch.no_grad()
+def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0,
+                greedy=False, cuda_graphs=None, window_multiple=None, return_logprobs=False):
+    """(B, T) completions of left-padded prompts (pad after EOS, T trimmed as generate() trims it), and
+    their (B, T) log-probs under softmax(logits / temperature) if return_logprobs.
+
+    cuda_graphs (default: on for CUDA) replays each decode step as a CUDA graph; a graph needs a
+    fixed attention length, so steps attend to the cache in windows of window_multiple slots
+    (default 128 with graphs, else 1 = exactly the filled slots), unfilled slots masked out.
+    """
+    check_fast_rollout(model)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    device = prompt_ids.device
+    cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
+    m = window_multiple or (128 if cuda_graphs else 1)
+    B, P = prompt_ids.shape
+    cache_len = -(-(P + max_new_tokens) // m) * m
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and P + max_new_tokens > limit:
+        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings={limit}")
+    dtype = torch.bfloat16 if device.type == "cuda" else model.get_input_embeddings().weight.dtype
+    check_every = 16 if device.type == "cuda" else 1       # steps between host syncs on "all rows ended?"
+    eos_t = torch.tensor(eos, device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(B, max_new_tokens, device=device) if return_logprobs else None
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    unfinished = torch.ones(B, dtype=torch.long, device=device)
+    with torch.autocast(device.type, enabled=False):       # the decoder casts explicitly, as autocast would
+        dec = StaticDecoder(model, B, cache_len, dtype)
+        dec.pos.copy_(prompt_mask.sum(1) - 1)
+        dec.col.fill_(P - 1)
+        for t in range(max_new_tokens):
+            if t == 0:
+                logits = dec.prefill(prompt_ids, prompt_mask)
+            else:
+                window = min(cache_len, -(-(P + t) // m) * m)  # slots 0 .. P+t-1 are filled
+                logits = dec.graphed_step(window) if cuda_graphs else dec.step(window)
+            finite &= torch.isfinite(logits).all()
+            nxt = sample_tokens(logits, temperature, top_p, greedy)              # (B,)
+            if return_logprobs:
+                logps[:, t] = torch.log_softmax(logits / temperature, -1).gather(1, nxt[:, None])[:, 0]
+            nxt = nxt * unfinished + pad_id * (1 - unfinished)                   # pad after EOS
+            out[:, t] = nxt
+            unfinished = unfinished & ~torch.isin(nxt, eos_t)
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and not unfinished.any()):
+                break
+            dec.tokens.copy_(nxt)
+            dec.pos += 1
+            dec.col += 1
+    if not finite:
+        raise FloatingPointError("fast rollout produced non-finite logits (check the model weights)")
+    T = t + 1
+    if not unfinished.any():  # generate() stops right after the step where the last row ended
+        T = int(completion_mask(out[:, :T], eos)[0].sum(1).max())
+    return out[:, :T], (logps[:, :T] if return_logprobs else None)
+
+
+def fast_generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature=1.0, top_p=1.0,
+                  greedy=False):
+    """generate() through fast_decode: the same Rollout, the same sampling, less overhead."""
+    eos = eos_token_ids(model, tok)
+    ids = prompt_ids.repeat_interleave(group_size, 0)
+    mask = prompt_mask.repeat_interleave(group_size, 0)
+    completion_ids, _ = fast_decode(model, ids, mask, max_new_tokens, eos, tok.pad_token_id, temperature, top_p, greedy)
+    return make_rollout(tok, ids, mask, completion_ids, eos)
 
 
 # -----------------------------------------------------------------------------
@@ -539,28 +802,152 @@ def batched_logprobs(policy, r, micro_batch_size, temperature):
 
 
 # -----------------------------------------------------------------------------
-# evaluation: greedy held-out accuracy, sharded over ranks
+# evaluation: held-out accuracy (greedy pass@1, or n samples with pass@k and majority vote)
+# One function, `evaluate`, serves the trainers' periodic eval and eval_gsm8k.py.
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, eq. 1)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # exact integers; C(n-c, k) = 0 when k > n-c
+
+
+def majority_vote(answers):
+    """The most frequent non-None answer, ties broken by first occurrence; None if every answer is None."""
+    counts = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    # dicts keep insertion (first-occurrence) order and max() returns the first maximal key
+    return max(counts, key=counts.get) if counts else None
+
+
+def wilson_interval(p, n, z=1.96):
+    """The 95% Wilson score interval (lo, hi) for a rate p measured on n trials; (0, 1) when n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def default_ks(n):
+    """The k of pass@k reported for n samples: 1, 2, 4, ... up to n, and n itself."""
+    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+
+
+def _answer_str(x):
+    """An extracted Fraction as JSON-friendly text ('18', '5/2'), or None."""
+    return None if x is None else str(x)
+
+
+def score_problem(index, problem, texts, truncated):
+    """The prediction record of one problem: its n completions, their extracted answers and scores."""
+    ref = extract_answer(problem["answer"])
+    strict = [extract_answer(t) for t in texts]
+    last = [extract_last_number(t) for t in texts]
+    maj, maj_lenient = majority_vote(strict), majority_vote(last)
+    return {"index": index, "question": problem["question"], "reference": _answer_str(ref),
+            "completions": list(texts), "extracted": [_answer_str(a) for a in strict],
+            "last_number": [_answer_str(a) for a in last],
+            "correct": [correctness_reward(t, problem["answer"]) == 1.0 for t in texts],
+            "lenient": [lenient_correct(t, problem["answer"]) == 1.0 for t in texts],
+            "format": [format_reward(t) == 1.0 for t in texts], "truncated": [bool(x) for x in truncated],
+            "majority": _answer_str(maj), "majority_correct": maj is not None and maj == ref,
+            "majority_lenient": _answer_str(maj_lenient),
+            "majority_lenient_correct": maj_lenient is not None and maj_lenient == ref}
+
+
+def summarize_eval(records, ks=None):
+    """Rates over problems (each problem's mean over its n samples) with Wilson bounds <key>_lo/<key>_hi.
+
+    strict/lenient/format are pass@1 averaged over the n samples; with n > 1 also pass@k (strict, for k
+    in ks) and maj / maj_lenient (majority vote). The interval treats the problems as the trials: exact
+    binomial variance for 0/1 scores, conservative for per-problem means in [0, 1] (their variance is at
+    most p(1-p)).
+    """
+    N, n = len(records), len(records[0]["completions"])
+    mean = lambda key: math.fsum(sum(r[key]) / n for r in records) / N  # noqa: E731
+    rates = {"strict": mean("correct"), "lenient": mean("lenient"), "format": mean("format")}
+    if n > 1:
+        for k in (ks or default_ks(n)):
+            rates[f"pass@{k}"] = math.fsum(pass_at_k(n, sum(r["correct"]), k) for r in records) / N
+        rates["maj"] = math.fsum(r["majority_correct"] for r in records) / N
+        rates["maj_lenient"] = math.fsum(r["majority_lenient_correct"] for r in records) / N
+    out = dict(rates)
+    for key, p in rates.items():
+        out[f"{key}_lo"], out[f"{key}_hi"] = wilson_interval(p, N)
+    out.update(truncated=mean("truncated"), n=N, samples=n)
+    return out
 
 
 @torch.no_grad()
-def evaluate(model, tok, problems, d, max_new_tokens, batch_size=64, system_prompt=SYSTEM_PROMPT):
-    """Greedy pass@1 on `problems` (sharded over ranks): strict, lenient and format rates."""
+def evaluate(model, tok, problems, d, max_new_tokens, batch_size=64, system_prompt=SYSTEM_PROMPT, n=1,
+             temperature=0.0, top_p=1.0, ks=None, seed=0, progress=False, return_predictions=False):
+    """Accuracy on `problems`, sharded over ranks: greedy pass@1 (temperature 0) or n samples per problem.
+
+    Returns summarize_eval's dict (strict, lenient, format, n, ...); with return_predictions=True, the
+    tuple (metrics, records) with one record per problem in problem order, the same on every rank.
+    batch_size counts completions per generate call, so a batch holds batch_size // n problems.
+    """
+    if not problems:
+        raise ValueError("evaluate: no problems to evaluate")
+    if n < 1 or (n > 1 and temperature <= 0):
+        raise ValueError(f"evaluate: n={n} samples at temperature={temperature}: n must be >= 1, and n > 1 "
+                         "needs temperature > 0 (greedy samples would all be identical)")
+    if ks and any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"evaluate: every k of pass@k must be in 1..n={n}, got {list(ks)}")
     was_training = model.training
     model.eval()
-    mine = problems[d.rank::d.world_size]
-    sums = torch.zeros(4, dtype=torch.float64)  # strict, lenient, format, n
-    for s in range(0, len(mine), batch_size):
-        batch = mine[s:s + batch_size]
+    per_batch = max(1, batch_size // n)
+    starts = range(0, len(problems), per_batch)
+    # Shard whole batches, not problems: batch j holds the same problems (hence the same padding) and
+    # draws from the same seed (seed + j) on any number of ranks, so results do not depend on it.
+    mine = range(d.rank, len(starts), d.world_size)
+    if progress and d.master_process:
+        from tqdm import tqdm
+        mine = tqdm(mine, desc="eval", unit="batch")
+    records = []
+    for j in mine:
+        batch = problems[starts[j]:starts[j] + per_batch]
         ids, mask = tokenize_prompts(tok, [build_prompt(tok, p["question"], system_prompt) for p in batch], d.device)
-        r = generate(model, tok, ids, mask, 1, max_new_tokens, greedy=True)
-        for text, p in zip(r.texts, batch):
-            sums += torch.tensor([correctness_reward(text, p["answer"]), lenient_correct(text, p["answer"]),
-                                  format_reward(text), 1.0], dtype=torch.float64)
+        greedy = temperature <= 0
+        cuda = [torch.cuda.current_device()] if d.device.type == "cuda" else []
+        with nullcontext() if greedy else torch.random.fork_rng(devices=cuda):  # a trainer's RNG stream is untouched
+            if not greedy:
+                torch.manual_seed(seed + j)
+            r = generate(model, tok, ids, mask, n, max_new_tokens, temperature, top_p, greedy=greedy)
+        for i, p in enumerate(batch):
+            rows = slice(i * n, (i + 1) * n)
+            records.append(score_problem(starts[j] + i, p, r.texts[rows], r.truncated[rows].tolist()))
     model.train(was_training)
-    sums = all_reduce_sum(sums.to(d.device), d).cpu()
-    n = max(sums[3].item(), 1.0)
-    return {"strict": sums[0].item() / n, "lenient": sums[1].item() / n, "format": sums[2].item() / n,
-            "n": int(sums[3].item())}
+    if d.ddp:  # every rank gets every record; merged in problem order, so sums run in the same order
+        parts = [None] * d.world_size
+        dist.all_gather_object(parts, records)
+        records = [rec for part in parts for rec in part]
+    records.sort(key=lambda rec: rec["index"])
+    metrics = summarize_eval(records, ks)
+    return (metrics, records) if return_predictions else metrics
+
+
+def resolve_model_path(path):
+    """A hub name, a local HF model dir, or a run dir (its `latest` checkpoint); raise if a local path is missing."""
+    local = os.path.expanduser(path)
+    if os.path.isfile(os.path.join(local, "latest")):
+        with open(os.path.join(local, "latest")) as f:
+            local = os.path.join(local, f.read().strip())
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise FileNotFoundError(f"{local!r} is not a model or checkpoint directory (no config.json)")
+        return local
+    # Not a directory: a hub name ('owner/name') unless it is clearly a local path that does not exist.
+    first = local.split(os.sep, 1)[0]
+    if local.startswith((os.sep, ".")) or local.count("/") > 1 or os.path.isdir(first):
+        where = f" (its `latest` names {local!r})" if local != os.path.expanduser(path) else ""
+        raise FileNotFoundError(f"checkpoint or model directory {path!r} does not exist{where}")
+    return path
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""Config parsing: overrides, --tiny, --help, and clear errors on typos and bad types."""
+import dataclasses
+
+import pytest
+
+import common
+import grpo
+from conftest import run
+
+
+def test_defaults_and_overrides():
+    cfg = common.parse_config(grpo.Config, [], tiny=grpo.TINY)
+    assert cfg == grpo.Config()
+    cfg = common.parse_config(grpo.Config, ["--lr=3e-6", "--group_size=16", "--beta=0", "--model=./m"], tiny=grpo.TINY)
+    assert (cfg.lr, cfg.group_size, cfg.beta, cfg.model) == (3e-6, 16, 0.0, "./m")
+
+
+def test_tiny_overrides_and_explicit_flags_win():
+    cfg = common.parse_config(grpo.Config, ["--tiny", "--num_steps=3"], tiny=grpo.TINY)
+    assert cfg.tiny and cfg.num_steps == 3
+    assert cfg.lr == grpo.TINY["lr"] and cfg.system_prompt == ""
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--lerning_rate=1"], "unknown config key --lerning_rate"),
+    (["--group_size=eight"], "expects an integer"),
+    (["--lr=fast"], "expects a number"),
+    (["--tiny=maybe"], "expects a boolean"),
+    (["--lr"], "needs a value"),
+    (["lr=1"], "unexpected argument"),
+])
+def test_bad_input_gives_clear_error(argv, msg):
+    with pytest.raises(ValueError, match=msg):
+        common.parse_config(grpo.Config, argv, tiny=grpo.TINY)
+
+
+def test_unknown_key_error_lists_valid_keys():
+    with pytest.raises(ValueError) as e:
+        common.parse_config(grpo.Config, ["--nope=1"])
+    for f in dataclasses.fields(grpo.Config):
+        assert f.name in str(e.value)
+
+
+def test_every_field_is_documented_in_help():
+    text = common.config_help(grpo.Config, grpo.TINY)
+    docs = common._field_docs(grpo.Config)
+    for f in dataclasses.fields(grpo.Config):
+        assert docs.get(f.name), f"field {f.name} has no comment"
+        assert f"--{f.name}=" in text
+
+
+def test_help_from_command_line():
+    p = run(["python", "grpo.py", "--help"])
+    assert "--clip_eps=0.2" in p.stdout and "--tiny" in p.stdout

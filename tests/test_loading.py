@@ -1,0 +1,62 @@
+"""The hub loading code path (from_pretrained, load_dataset) on local files, and its errors."""
+import json
+
+import pytest
+import torch
+
+import common
+
+
+def test_from_pretrained_roundtrip(tiny_dir, tmp_path):
+    tok = common.load_tokenizer(tiny_dir)
+    lm = common.load_model(tiny_dir, torch.device("cpu"))
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    tok2 = common.load_tokenizer(str(tmp_path))
+    lm2 = common.load_model(str(tmp_path), torch.device("cpu"), torch.bfloat16)
+    assert next(lm2.parameters()).dtype == torch.bfloat16
+    text = common.build_prompt(tok, "Ann has 3 pens.", "")
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"]
+    assert tok2.decode(tok2(text)["input_ids"]) == text  # char-level: newlines survive the round trip
+    for a, b in zip(lm.parameters(), lm2.parameters()):
+        assert torch.allclose(a.to(torch.bfloat16), b)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        common.load_model(str(tmp_path / "nope"), torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        common.load_tokenizer(str(tmp_path / "nope"))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_load_dataset_from_local_jsonl(tmp_path):
+    rows = common.tiny_dataset("test")[:5]
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    assert common.load_gsm8k("test", str(tmp_path)) == rows               # a directory
+    assert common.load_gsm8k("test", str(tmp_path / "test.jsonl")) == rows  # a file
+
+
+@pytest.mark.parametrize("rows,msg", [
+    ([], "is empty"),
+    ([{"question": "q"}], "needs string fields"),
+    ([{"question": "q", "answer": "no final line"}], "no '#### <number>' line"),
+])
+def test_bad_datasets_are_clear_errors(tmp_path, rows, msg):
+    path = tmp_path / "train.jsonl"
+    if rows:
+        write_jsonl(path, rows)
+    else:
+        path.write_text("")
+    with pytest.raises(ValueError, match=msg):
+        common.load_gsm8k("train", str(path))
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        common.load_gsm8k("train", str(tmp_path / "missing"))

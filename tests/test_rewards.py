@@ -1,0 +1,96 @@
+"""GSM8K answer extraction and rewards: every reference solution scores 1, shuffled answers 0."""
+import json
+import os
+import random
+from fractions import Fraction
+
+import pytest
+import torch
+
+import common
+from conftest import SHARED_GSM8K
+
+
+def shared_rows(split):
+    path = os.path.join(SHARED_GSM8K, f"{split}.jsonl")
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not present (../shared is absent)")
+    return [json.loads(l) for l in open(path)]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_reference_solution_scores_one(split):
+    rows = shared_rows(split)
+    assert len(rows) > 1000
+    bad = [r["answer"][-60:] for r in rows if common.correctness_reward(r["answer"], r["answer"]) != 1.0
+           or common.format_reward(r["answer"]) != 1.0]
+    assert not bad, f"{len(bad)} reference solutions not recognised, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_shuffled_answers_score_zero(split):
+    rows = shared_rows(split)
+    rng = random.Random(0)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    pairs = [(rows[i]["answer"], rows[j]["answer"]) for i, j in zip(range(len(rows)), order)
+             if common.extract_answer(rows[i]["answer"]) != common.extract_answer(rows[j]["answer"])]
+    assert len(pairs) > 0.9 * len(rows)
+    assert all(common.correctness_reward(c, a) == 0.0 for c, a in pairs)
+
+
+@pytest.mark.parametrize("text,value", [
+    ("#### 72", Fraction(72)),
+    ("so #### 1,234", Fraction(1234)),
+    ("#### $1,234.50", Fraction(246900, 200)),
+    ("#### -5", Fraction(-5)),
+    ("#### 3/4", Fraction(3, 4)),
+    ("#### 0.75", Fraction(3, 4)),
+    ("#### .5", Fraction(1, 2)),
+    ("#### 18 apples", Fraction(18)),
+    ("#### $ 7", Fraction(7)),
+    ("first #### 3 then #### 4", Fraction(4)),
+    ("The answer is 12.", None),
+    ("#### none", None),
+    ("#### 1/0", None),
+])
+def test_extract_answer(text, value):
+    assert common.extract_answer(text) == value
+
+
+def test_tricky_completions():
+    ref = "Some steps <<2*3=6>>6\n#### 1,000"
+    assert common.correctness_reward("... so the total is\n#### 1000", ref) == 1.0
+    assert common.correctness_reward("#### 1000.00", ref) == 1.0
+    assert common.correctness_reward("#### $1,000", ref) == 1.0
+    assert common.correctness_reward("#### 100", ref) == 0.0
+    assert common.correctness_reward("The answer is 1000", ref) == 0.0  # strict: needs '####'
+    assert common.lenient_correct("The answer is 1000", ref) == 1.0     # lenient: last number
+    assert common.lenient_correct("1000 or maybe 999", ref) == 0.0
+    assert common.correctness_reward("#### 3/4", "#### 0.75") == 1.0
+    assert common.correctness_reward("#### -3", "#### 3") == 0.0
+    assert common.correctness_reward("#### 2.5", "#### 5/2") == 1.0
+
+
+def test_format_reward():
+    assert common.format_reward("2+2=4\n#### 4") == 1.0
+    assert common.format_reward("2+2=4\n#### 4\n") == 1.0
+    assert common.format_reward("2+2=4\n#### -4.5") == 1.0
+    assert common.format_reward("#### 4 apples") == 0.0
+    assert common.format_reward("#### 4\nand more text") == 0.0
+    assert common.format_reward("The answer is 4.") == 0.0
+    assert common.format_reward("") == 0.0
+
+
+def test_rewards_compose():
+    fns = [(1.0, common.correctness_reward), (0.5, common.format_reward)]
+    r = common.compute_rewards(["#### 4", "The answer is 4", "#### 5"], ["#### 4"] * 3, fns)
+    assert torch.allclose(r, torch.tensor([1.5, 0.0, 0.5]))
+
+
+def test_tiny_task_answers_are_gsm8k_format():
+    for split in ["train", "test"]:
+        rows = common.tiny_dataset(split)
+        assert all(common.correctness_reward(r["answer"], r["answer"]) == 1.0 for r in rows)
+    train_q = {r["question"] for r in common.tiny_dataset("train")}
+    assert not train_q & {r["question"] for r in common.tiny_dataset("test")}
