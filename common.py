@@ -454,7 +454,8 @@ def generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, te
     fast=True takes fast_generate instead: the same sampling from a static-KV-cache decode loop.
     """
     if fast:
-        return fast_generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_p, greedy)
+        return fast_generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_p,
+                             greedy)
     from transformers import GenerationConfig
     eos = eos_token_ids(model, tok)
     ids = prompt_ids.repeat_interleave(group_size, 0)
@@ -482,7 +483,7 @@ def make_rollout(tok, prompt_ids, prompt_mask, completion_ids, eos):
 # fast rollout: generate()'s sampling from a hand-written decode loop with a static KV cache
 #
 # Hugging Face generate() spends a decode step mostly in Python (cache and mask bookkeeping,
-# logits processors, stopping criteria, a host sync in torch.multinomial) and, under bf16
+# logits processors, stopping criteria) and, under bf16
 # autocast, re-casts every fp32 weight on every step. This loop runs the decoder of a
 # Qwen2/Llama-style model from bf16 copies of its weights made once per rollout, writes keys and
 # values into a cache allocated once, and on CUDA replays each one-token step as a CUDA graph.
@@ -538,12 +539,12 @@ class StaticDecoder:
         self.hd = attn.head_dim
         self.scale = getattr(attn, "scaling", self.hd ** -0.5)
 
-        def fuse(*lins):  # (weight, bias) of one matmul for several projections, copied once in `dtype`
-            w = torch.cat([l.weight.detach().to(dtype) for l in lins])
+        def fuse(*lins):  # (weight, bias) of one matmul for several projections, in `dtype`
+            ws = [l.weight.detach().to(dtype) for l in lins]
             if all(l.bias is None for l in lins):
-                return w, None
-            return w, torch.cat([(l.bias.detach() if l.bias is not None else l.weight.new_zeros(l.out_features)).to(dtype)
-                                 for l in lins])
+                return (torch.cat(ws) if len(ws) > 1 else ws[0]), None
+            bs = [(l.bias.detach() if l.bias is not None else l.weight.new_zeros(l.out_features)).to(dtype) for l in lins]
+            return (torch.cat(ws), torch.cat(bs)) if len(ws) > 1 else (ws[0], bs[0])
         self.w = [(fuse(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj), fuse(l.self_attn.o_proj),
                    fuse(l.mlp.gate_proj, l.mlp.up_proj), fuse(l.mlp.down_proj)) for l in base.layers]
         self.mods = [(l.input_layernorm, l.post_attention_layernorm, l.mlp.act_fn) for l in base.layers]
@@ -640,7 +641,8 @@ class StaticDecoder:
             err, scale = (out - eager).abs().max().item(), eager.abs().max().item()
             if not err <= 0.05 * scale + 1e-3:
                 raise RuntimeError(f"CUDA graph replay of the decode step differs from eager (max |diff| {err:.3g} "
-                                   f"vs max |logit| {scale:.3g}); run the fast rollout with cuda_graphs=False")
+                                   f"vs max |logit| {scale:.3g}); use the plain path (--fast_rollout=false) "
+                                   "or fast_decode(cuda_graphs=False)")
             self.graphs[window] = (graph, out)
         graph, out = self.graphs[window]
         graph.replay()
@@ -660,7 +662,8 @@ def sample_tokens(logits, temperature, top_p, greedy):
         logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
     probs = torch.softmax(logits, dim=-1)
     # torch.multinomial(probs, 1) computes exactly this (an exponential race, argmax of p / E),
-    # after a validity check that syncs with the host; fast_decode checks the logits once, at the end.
+    # after validity checks over all of probs (a host sync in older torch versions); fast_decode
+    # checks the drawn tokens' logits instead, once per rollout.
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
@@ -704,8 +707,9 @@ def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, tem
             else:
                 window = min(cache_len, -(-(P + t) // m) * m)  # slots 0 .. P+t-1 are filled
                 logits = dec.graphed_step(window) if cuda_graphs else dec.step(window)
-            finite &= torch.isfinite(logits).all()
             nxt = sample_tokens(logits, temperature, top_p, greedy)              # (B,)
+            # a NaN or inf logit makes the drawn token's logit non-finite (argmax picks NaN): O(B) check
+            finite &= torch.isfinite(logits.gather(1, nxt[:, None])).all()
             if return_logprobs:
                 logps[:, t] = torch.log_softmax(logits / temperature, -1).gather(1, nxt[:, None])[:, 0]
             nxt = nxt * unfinished + pad_id * (1 - unfinished)                   # pad after EOS
@@ -885,12 +889,13 @@ def summarize_eval(records, ks=None):
 
 @torch.no_grad()
 def evaluate(model, tok, problems, d, max_new_tokens, batch_size=64, system_prompt=SYSTEM_PROMPT, n=1,
-             temperature=0.0, top_p=1.0, ks=None, seed=0, progress=False, return_predictions=False):
+             temperature=0.0, top_p=1.0, ks=None, seed=0, progress=False, return_predictions=False, fast=False):
     """Accuracy on `problems`, sharded over ranks: greedy pass@1 (temperature 0) or n samples per problem.
 
     Returns summarize_eval's dict (strict, lenient, format, n, ...); with return_predictions=True, the
     tuple (metrics, records) with one record per problem in problem order, the same on every rank.
     batch_size counts completions per generate call, so a batch holds batch_size // n problems.
+    fast=True generates with fast_generate (static KV cache) instead of Hugging Face generate.
     """
     if not problems:
         raise ValueError("evaluate: no problems to evaluate")
@@ -909,16 +914,16 @@ def evaluate(model, tok, problems, d, max_new_tokens, batch_size=64, system_prom
     if progress and d.master_process:
         from tqdm import tqdm
         mine = tqdm(mine, desc="eval", unit="batch")
+    greedy = temperature <= 0
+    cuda = [torch.cuda.current_device()] if d.device.type == "cuda" else []
     records = []
     for j in mine:
         batch = problems[starts[j]:starts[j] + per_batch]
         ids, mask = tokenize_prompts(tok, [build_prompt(tok, p["question"], system_prompt) for p in batch], d.device)
-        greedy = temperature <= 0
-        cuda = [torch.cuda.current_device()] if d.device.type == "cuda" else []
         with nullcontext() if greedy else torch.random.fork_rng(devices=cuda):  # a trainer's RNG stream is untouched
             if not greedy:
                 torch.manual_seed(seed + j)
-            r = generate(model, tok, ids, mask, n, max_new_tokens, temperature, top_p, greedy=greedy)
+            r = generate(model, tok, ids, mask, n, max_new_tokens, temperature, top_p, greedy=greedy, fast=fast)
         for i, p in enumerate(batch):
             rows = slice(i * n, (i + 1) * n)
             records.append(score_problem(starts[j] + i, p, r.texts[rows], r.truncated[rows].tolist()))

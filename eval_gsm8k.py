@@ -1,0 +1,167 @@
+"""
+eval_gsm8k.py: one GSM8K evaluator for before and after training, with every view of the score.
+
+The same Qwen2.5-1.5B-Instruct scores anywhere from a few percent to over 70% on GSM8K depending
+only on the prompt and on how the answer is parsed, so this script fixes both to what training uses
+(common.build_prompt, common.extract_answer, common.correctness_reward, ...) and reports all views:
+
+    strict   the number after the completion's last '####' equals the reference (the trained format)
+    lenient  the last number anywhere in the completion equals the reference
+    format   the completion's last non-empty line is exactly '#### <number>'
+    pass@k   with n > 1 samples: unbiased 1 - C(n-c, k) / C(n, k), strict answers
+             (Chen et al. 2021, arXiv 2107.03374, eq. 1)
+    maj      with n > 1 samples: majority vote over the '####' answers, ties won by the answer that
+             occurs first; maj_lenient votes over the last numbers
+
+each with the number of problems and a 95% Wilson score interval that treats the problems as the
+trials. The trainers' periodic held-out eval calls the same function, common.evaluate.
+
+Launch:
+    python eval_gsm8k.py                                   # Qwen2.5-1.5B-Instruct, GSM8K test (1,319), greedy
+    python eval_gsm8k.py --model=runs/grpo                 # a run dir (its `latest` checkpoint) or a ckpt dir
+    python eval_gsm8k.py --num_samples=16 --temperature=1  # pass@1/2/4/8/16 and majority vote
+    torchrun --nproc_per_node=8 eval_gsm8k.py --model=...  # batches sharded over ranks, results merged
+    python eval_gsm8k.py --tiny                            # the tiny model on the tiny task (CPU, seconds)
+    python eval_gsm8k.py --tiny --model=runs/grpo-tiny     # the checkpoint of `python grpo.py --tiny`
+
+Writes <out_dir>/predictions.jsonl (one line per problem, in problem order: question, completions,
+extracted answers, correctness) and <out_dir>/summary.json (metrics, intervals, protocol, config).
+Greedy results are identical on any number of ranks: see common.evaluate.
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import common
+
+
+@dataclass
+class Config:
+    tiny: bool = False  # the tiny model and the tiny task's test split (CPU); --model and --data_path still win
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local model dir, checkpoint dir, or run dir (its `latest`)
+    data_path: str = ""  # local GSM8K: jsonl file or dir with <split>.jsonl ("" = hub openai/gsm8k, or the tiny task)
+    split: str = "test"  # dataset split (GSM8K test: 1,319 problems)
+    limit: int = -1  # evaluate only the first `limit` problems (-1 = all)
+    # not `--n`: torchrun's argument parser would take --n=... for an abbreviation of its --nnodes
+    num_samples: int = 1  # n, samples per problem: 1 = pass@1; > 1 adds pass@k and majority vote (temperature > 0)
+    ks: str = ""  # comma-separated k for pass@k, each in 1..n ("" = 1, 2, 4, ... up to n, and n)
+    temperature: float = 0.0  # 0 = greedy decoding; > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling cut when temperature > 0 (1.0 = off)
+    max_new_tokens: int = 512  # completion length cap (the trainers' periodic eval uses their own: 300)
+    batch_size: int = 64  # completions per generate call (a batch holds batch_size // n problems)
+    system_prompt: str = common.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); as in training
+    seed: int = 0  # sampling seed (batch j uses seed + j, so samples do not depend on the number of ranks)
+    fast_rollout: bool = False  # generate with common.fast_generate (static KV cache) instead of HF generate
+    out_dir: str = "runs/eval"  # predictions.jsonl and summary.json go here
+
+
+# --tiny: the tiny model (unless --model is given) with the settings the tiny trainers use
+TINY = dict(model="", max_new_tokens=32, system_prompt="", out_dir="runs/eval-tiny")
+
+
+def check_config(cfg):
+    """Raise on settings that would evaluate nothing or make no sense, before anything is loaded."""
+    if not cfg.model and not cfg.tiny:
+        raise ValueError("--model is empty: give a hub name or a local model, checkpoint or run dir")
+    if cfg.limit == 0 or cfg.limit < -1:
+        raise ValueError(f"--limit={cfg.limit} evaluates no problems: give a positive number, or -1 for all")
+    if cfg.num_samples < 1:
+        raise ValueError(f"--num_samples={cfg.num_samples}: need at least 1 sample per problem")
+    if cfg.num_samples > 1 and cfg.temperature <= 0:
+        raise ValueError(f"--num_samples={cfg.num_samples} needs --temperature > 0 (greedy samples are identical)")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise ValueError("--batch_size and --max_new_tokens must be positive")
+    parse_ks(cfg.ks, cfg.num_samples)
+
+
+def parse_ks(text, n):
+    """'1,4,16' -> [1, 4, 16] (each in 1..n); '' -> the default ks for n samples (None when n = 1)."""
+    if not text:
+        return common.default_ks(n) if n > 1 else None
+    try:
+        ks = sorted({int(k) for k in text.split(",")})
+    except ValueError:
+        raise ValueError(f"--ks={text!r} must be comma-separated integers, e.g. --ks=1,4,16") from None
+    if any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"--ks={text!r}: every k of pass@k must be in 1..n={n}")
+    return ks
+
+
+def load_eval_problems(cfg):
+    """The problems: local jsonl if --data_path, else the tiny task (--tiny) or the hub; the first `limit`."""
+    if cfg.data_path or not cfg.tiny:
+        problems = common.load_gsm8k(cfg.split, cfg.data_path)
+    else:
+        problems = common.tiny_dataset(cfg.split)
+    return problems if cfg.limit == -1 else problems[:cfg.limit]
+
+
+def report(metrics, cfg, model_path, source):
+    """The summary as printed: one line per view of the score, with its 95% Wilson interval."""
+    mode = ("greedy pass@1" if cfg.temperature <= 0 else
+            f"n={cfg.num_samples} samples, temperature={cfg.temperature}, top_p={cfg.top_p}")
+    lines = [f"model: {model_path}",
+             f"data: {source} {cfg.split}, {metrics['n']} problems, {mode}, max_new_tokens={cfg.max_new_tokens}"]
+    views = [("strict", "the '####' answer equals the reference"),
+             ("lenient", "the last number equals the reference"),
+             ("format", "the last line is exactly '#### <number>'")]
+    ks = [k for k in metrics if k.startswith("pass@") and k + "_lo" in metrics]
+    views += [(k, "unbiased estimator, strict answers") for k in ks]
+    if cfg.num_samples > 1:
+        views += [("maj", "majority vote over the '####' answers"), ("maj_lenient", "majority vote over last numbers")]
+    for key, what in views:
+        lo, hi = metrics[key + "_lo"], metrics[key + "_hi"]
+        lines.append(f"  {key:<12} {metrics[key]:.4f}  95% CI [{lo:.4f}, {hi:.4f}]  {what}")
+    lines.append(f"  {'truncated':<12} {metrics['truncated']:.4f}  no EOS within max_new_tokens")
+    lines.append(f"intervals: 95% Wilson score intervals, the {metrics['n']} problems as trials")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, tiny=TINY)
+    check_config(cfg)
+    d = common.setup_distributed()
+    log = print if d.master_process else (lambda *a, **k: None)
+    if cfg.tiny and not cfg.model:
+        model_path = common.ensure_tiny_model(d, log=log)
+    else:
+        model_path = common.resolve_model_path(cfg.model)
+    problems = load_eval_problems(cfg)
+    source = cfg.data_path or ("tiny task" if cfg.tiny else common.GSM8K_HUB)
+    tok = common.load_tokenizer(model_path)
+    model = common.load_model(model_path, d.device)
+
+    t0 = time.time()
+    metrics, records = common.evaluate(model, tok, problems, d, cfg.max_new_tokens, cfg.batch_size,
+                                       cfg.system_prompt, n=cfg.num_samples, temperature=cfg.temperature,
+                                       top_p=cfg.top_p, ks=parse_ks(cfg.ks, cfg.num_samples), seed=cfg.seed,
+                                       progress=True, return_predictions=True, fast=cfg.fast_rollout)
+    seconds = time.time() - t0
+
+    if d.master_process:  # every rank holds all records, merged in problem order; rank 0 writes them
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        pred_path = os.path.join(cfg.out_dir, "predictions.jsonl")
+        summary_path = os.path.join(cfg.out_dir, "summary.json")
+        with open(pred_path, "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        summary = {"model": model_path, "data": source, "split": cfg.split, "problems": metrics["n"],
+                   "samples_per_problem": cfg.num_samples,
+                   "decoding": "greedy" if cfg.temperature <= 0 else "sampling",
+                   "interval": "95% Wilson score interval, problems as trials", "metrics": metrics,
+                   "example_prompt": common.build_prompt(tok, problems[0]["question"], cfg.system_prompt),
+                   "config": asdict(cfg), "world_size": d.world_size, "eval_seconds": round(seconds, 1)}
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=2)
+        log(report(metrics, cfg, model_path, source))
+        log(f"wrote {pred_path} ({len(records)} lines) and {summary_path} "
+            f"({seconds:.1f}s on {d.world_size} process{'es' if d.world_size > 1 else ''})")
+    common.cleanup_distributed(d)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

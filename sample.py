@@ -1,0 +1,129 @@
+"""
+sample.py: see what a model or checkpoint says, with the answer and reward training would give it.
+
+Prompts come from exactly one source: --prompt (one question), --prompt_file (a text file with one
+question per line, or a .jsonl file with 'question' and optional 'answer' fields), or by default the
+first --num_questions test questions (GSM8K; the tiny task with --tiny; --data_path for local jsonl).
+Each prompt is built by common.build_prompt, as in training. Every completion is printed with its
+extracted '####' answer and, when a reference answer is known, its strict and lenient correctness,
+format, and the trainers' reward (correctness + format_weight * format).
+
+Launch:
+    python sample.py --tiny                                           # 3 tiny test questions, greedy
+    python sample.py --tiny --model=runs/grpo-tiny --num_samples=4 --temperature=1.0
+    python sample.py --model=runs/grpo --prompt="What is 12 * 7 - 5?"
+    python sample.py --model=Qwen/Qwen2.5-1.5B-Instruct --prompt_file=questions.txt --num_samples=2 --temperature=0.7
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+import common
+
+
+@dataclass
+class Config:
+    tiny: bool = False  # the tiny model (unless --model is given) and the tiny task's test questions
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local model dir, checkpoint dir, or run dir (its `latest`)
+    prompt: str = ""  # one question to answer
+    prompt_file: str = ""  # one question per line, or a .jsonl with 'question' (and optional 'answer') per line
+    num_questions: int = 3  # otherwise: the first this many test questions
+    data_path: str = ""  # local GSM8K jsonl file or dir for those questions ("" = hub openai/gsm8k, or the tiny task)
+    num_samples: int = 1  # completions per prompt (> 1 needs temperature > 0)
+    temperature: float = 0.0  # 0 = greedy decoding; > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling cut when temperature > 0 (1.0 = off)
+    max_new_tokens: int = 512  # completion length cap
+    batch_size: int = 64  # completions per generate call
+    system_prompt: str = common.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); same as training
+    format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), as in the trainers
+    seed: int = 0  # sampling seed
+
+
+TINY = dict(model="", max_new_tokens=32, system_prompt="")
+
+
+def read_prompt_file(path):
+    """[{question, answer or None}] from a text file (one question per line) or a .jsonl file; raise if empty."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    lines = [l.strip() for l in open(path, encoding="utf-8") if l.strip()]
+    if not lines:
+        raise ValueError(f"prompt file {path!r} has no prompts (it is empty or only blank lines)")
+    if not path.endswith(".jsonl"):
+        return [{"question": l, "answer": None} for l in lines]
+    rows = []
+    for i, l in enumerate(lines):
+        row = json.loads(l)
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise ValueError(f"prompt file {path!r} line {i + 1} needs a string field 'question'")
+        answer = row.get("answer")
+        if answer is not None:  # a full GSM8K solution, or just the final number
+            answer = str(answer) if "####" in str(answer) else f"#### {answer}"
+        rows.append({"question": row["question"], "answer": answer})
+    return rows
+
+
+def load_prompts(cfg):
+    """The prompts to sample for: --prompt, else --prompt_file, else the first num_questions test questions."""
+    if cfg.prompt and cfg.prompt_file:
+        raise ValueError("give either --prompt or --prompt_file, not both")
+    if cfg.prompt:
+        return [{"question": cfg.prompt, "answer": None}]
+    if cfg.prompt_file:
+        return read_prompt_file(cfg.prompt_file)
+    if cfg.num_questions < 1:
+        raise ValueError(f"--num_questions={cfg.num_questions} selects no questions: give a positive number, "
+                         "or --prompt / --prompt_file")
+    rows = common.load_gsm8k("test", cfg.data_path) if cfg.data_path or not cfg.tiny else common.tiny_dataset("test")
+    return rows[:cfg.num_questions]
+
+
+def describe(text, answer, format_weight):
+    """One line: the extracted answer and, if the reference is known, correctness, format and reward."""
+    pred, fmt = common.extract_answer(text), common.format_reward(text)
+    out = f"answer {pred if pred is not None else '(none)'} | format {fmt:.0f}"
+    if answer is None:
+        return out + " | reward n/a (no reference answer)"
+    strict, lenient = common.correctness_reward(text, answer), common.lenient_correct(text, answer)
+    return out + f" | strict {strict:.0f} | lenient {lenient:.0f} | reward {strict + format_weight * fmt:.2f}"
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, tiny=TINY)
+    n = cfg.num_samples
+    if n < 1 or (n > 1 and cfg.temperature <= 0):
+        raise ValueError(f"--num_samples={n}: need at least 1, and more than 1 needs --temperature > 0 "
+                         "(greedy samples are identical)")
+    if not cfg.model and not cfg.tiny:
+        raise ValueError("--model is empty: give a hub name or a local model, checkpoint or run dir")
+    prompts = load_prompts(cfg)  # prompt errors surface before any model is loaded
+    d = common.Dist(False, 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True)
+    model_path = common.ensure_tiny_model(d) if cfg.tiny and not cfg.model else common.resolve_model_path(cfg.model)
+    tok = common.load_tokenizer(model_path)
+    model = common.load_model(model_path, d.device)
+    common.seed_everything(cfg.seed)
+    mode = "greedy" if cfg.temperature <= 0 else f"temperature={cfg.temperature}, top_p={cfg.top_p}"
+    print(f"model: {model_path}  ({len(prompts)} prompt(s) x {n} completion(s), {mode})")
+    per_batch = max(1, cfg.batch_size // n)
+    for s in range(0, len(prompts), per_batch):
+        batch = prompts[s:s + per_batch]
+        texts = [common.build_prompt(tok, p["question"], cfg.system_prompt) for p in batch]
+        ids, mask = common.tokenize_prompts(tok, texts, d.device)
+        r = common.generate(model, tok, ids, mask, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                            greedy=cfg.temperature <= 0)
+        for i, p in enumerate(batch):
+            ref = f" (reference answer {common.extract_answer(p['answer'])})" if p["answer"] else ""
+            print(f"\n=== prompt {s + i + 1}/{len(prompts)}{ref}")
+            print(p["question"])
+            for k in range(n):
+                row = i * n + k
+                trunc = " | truncated" if r.truncated[row] else ""
+                print(f"--- completion {k + 1}/{n}: {describe(r.texts[row], p['answer'], cfg.format_weight)}{trunc}")
+                print(r.texts[row])
+
+
+if __name__ == "__main__":
+    main()
