@@ -1,0 +1,207 @@
+"""
+compare.py: the six trainers side by side. Runs each on the tiny default for several seeds, then
+draws one figure (held-out accuracy, reward, response length, entropy, clip or gate activity
+against step; mean and spread over seeds) and writes one table (final accuracy mean ± std, steps to
+a threshold, wall time).
+
+    python compare.py                          # 6 trainers x 3 seeds on the tiny default (CPU)
+    python compare.py --seeds=1 --algos=grpo,gspo
+    python compare.py --logs_only --out_dir=runs/gpu   # only read logs: <out_dir>/<algo>-s<seed>/metrics.jsonl
+
+--logs_only reads runs made elsewhere, e.g. GPU runs of `torchrun --nproc_per_node=2 gspo.py
+--run_dir=runs/gpu/gspo-s0 --seed=0`: any run dir named <algo>-s<seed> under out_dir.
+Plotting needs matplotlib (`pip install matplotlib`); without it the table is still written.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import common
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ALGOS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo"]
+
+
+@dataclass
+class Config:
+    algos: str = ",".join(ALGOS)  # comma-separated trainers to compare
+    seeds: int = 3  # seeds 0 .. seeds-1 for every trainer
+    out_dir: str = "runs/compare"  # one run dir per (trainer, seed): <out_dir>/<algo>-s<seed>
+    jobs: int = 2  # trainer processes at once (each gets OMP_NUM_THREADS = cores / jobs)
+    threshold: float = 0.5  # held-out accuracy for the "steps to threshold" column
+    extra: str = ""  # extra flags for every trainer, space-separated (e.g. "--num_steps=20")
+    logs_only: bool = False  # do not run anything; read the metrics.jsonl files already in out_dir
+    figure: str = ""  # where to save the figure ("" = <out_dir>/compare.png)
+
+
+# the panels: (title, how to read one metrics row); None where a trainer does not log it
+def trust_region(row):
+    """Clip fraction for the clipped objectives; for SAPO's gate, 1 - mean gate weight."""
+    if "gate_weight_pos" in row:
+        return 1.0 - 0.5 * (row["gate_weight_pos"] + row["gate_weight_neg"])
+    return row.get("clip_frac")
+
+
+PANELS = [("held-out greedy accuracy", lambda r: r.get("eval/strict")),
+          ("reward (sampled)", lambda r: r.get("reward")),
+          ("response length (tokens)", lambda r: r.get("response_length")),
+          ("entropy (nats/token)", lambda r: r.get("entropy")),
+          ("clip fraction (SAPO: 1 - gate weight)", trust_region),
+          ("sampled accuracy", lambda r: r.get("accuracy"))]
+
+
+def run_all(cfg, algos):
+    """Launch every (trainer, seed) run, `jobs` at a time; returns {run_dir: wall seconds}."""
+    common.ensure_tiny_model(common.Dist(False, 0, 0, 1, torch.device("cpu"), True))  # build once, before the runs race
+    todo = [(a, s) for s in range(cfg.seeds) for a in algos]
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    running, walls = [], {}
+    while todo or running:
+        while todo and len(running) < cfg.jobs:
+            algo, seed = todo.pop(0)
+            run_dir = os.path.join(cfg.out_dir, f"{algo}-s{seed}")
+            os.makedirs(run_dir, exist_ok=True)
+            if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+                os.remove(os.path.join(run_dir, "metrics.jsonl"))  # a fresh log, not appended to an old one
+            cmd = [sys.executable, os.path.join(ROOT, f"{algo}.py"), "--tiny", f"--seed={seed}",
+                   f"--run_dir={run_dir}", *cfg.extra.split()]
+            log = open(os.path.join(run_dir, "stdout.log"), "w")
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                            run_dir, time.time(), log))
+            print(f"started {algo} seed {seed}", flush=True)
+        time.sleep(0.5)
+        for job in list(running):
+            proc, run_dir, t0, log = job
+            if proc.poll() is None:
+                continue
+            running.remove(job)
+            log.close()
+            if proc.returncode != 0:
+                raise RuntimeError(f"{run_dir} failed with exit code {proc.returncode}; see {run_dir}/stdout.log")
+            walls[run_dir] = time.time() - t0
+            with open(os.path.join(run_dir, "wall_time.json"), "w") as f:
+                json.dump({"wall_s": walls[run_dir], "jobs": cfg.jobs, "threads": threads}, f)
+            print(f"finished {run_dir} in {walls[run_dir]:.0f}s", flush=True)
+    return walls
+
+
+def load_runs(out_dir, algos, seeds):
+    """{algo: [rows of metrics.jsonl, one list per seed]}; raises if a run's log is missing."""
+    runs = {}
+    for algo in algos:
+        for seed in range(seeds):
+            path = os.path.join(out_dir, f"{algo}-s{seed}", "metrics.jsonl")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no log {path}: run without --logs_only, or copy the run dir there")
+            rows = [json.loads(l) for l in open(path)]
+            if not rows:
+                raise ValueError(f"{path} is empty")
+            runs.setdefault(algo, []).append(rows)
+    return runs
+
+
+def series(seed_rows, get):
+    """[(step, mean, std, n)] of a metric over seeds, at the steps where every seed logged it."""
+    per_seed = [{r["step"]: get(r) for r in rows if get(r) is not None} for rows in seed_rows]
+    steps = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+    out = []
+    for s in steps:
+        xs = [p[s] for p in per_seed]
+        mean = sum(xs) / len(xs)
+        out.append((s, mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs)), len(xs)))
+    return out
+
+
+def wall_time(out_dir, algo, seed):
+    """Wall seconds of one run, from the wall_time.json that run_all wrote (None if absent)."""
+    path = os.path.join(out_dir, f"{algo}-s{seed}", "wall_time.json")
+    return json.load(open(path))["wall_s"] if os.path.isfile(path) else None
+
+
+def table(cfg, runs):
+    """Markdown table: final held-out accuracy mean ± std (and per seed), steps to threshold, time."""
+    lines = ["| trainer | held-out acc. before | after RL (mean ± std) | per seed | "
+             f"steps to {cfg.threshold:.2f} | response length at end | wall time per run |",
+             "|---|---|---|---|---|---|---|"]
+    for algo, seed_rows in runs.items():
+        evals = [[r for r in rows if "eval/strict" in r] for rows in seed_rows]
+        first = [e[0]["eval/strict"] for e in evals]
+        final = [e[-1]["eval/strict"] for e in evals]
+        mean = sum(final) / len(final)
+        std = math.sqrt(sum((x - mean) ** 2 for x in final) / len(final))
+        reach = [next((r["step"] for r in e if r["eval/strict"] >= cfg.threshold), None) for e in evals]
+        hit = [x for x in reach if x is not None]
+        reach_txt = (f"{sum(hit) / len(hit):.0f}" + (f" ({len(hit)}/{len(reach)} seeds)" if len(hit) < len(reach) else "")
+                     if hit else "not reached")
+        lengths = [rows[-1].get("response_length") for rows in seed_rows]
+        walls = [wall_time(cfg.out_dir, algo, s) for s in range(len(seed_rows))]
+        wall_txt = f"{sum(walls) / len(walls):.0f} s" if all(w is not None for w in walls) else "n/a"
+        lines.append(f"| {algo} | {sum(first) / len(first):.3f} | **{mean:.3f} ± {std:.3f}** | "
+                     f"{', '.join(f'{x:.3f}' for x in final)} | {reach_txt} | "
+                     f"{sum(lengths) / len(lengths):.1f} | {wall_txt} |")
+    return "\n".join(lines)
+
+
+def plot(cfg, runs, path):
+    """The six-panel figure, mean line and ±1 std band over seeds; returns False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed, so no figure: pip install matplotlib", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (title, get) in zip(axes.flat, PANELS):
+        for algo, seed_rows in runs.items():
+            pts = series(seed_rows, get)
+            if not pts:
+                continue
+            x, m, s = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+            line, = ax.plot(x, m, marker="o" if len(x) < 8 else None, label=algo)
+            ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    n = len(next(iter(runs.values())))
+    fig.suptitle(f"tiny default, {n} seed(s): mean and ±1 std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    cfg = common.parse_config(Config)
+    algos = [a.strip() for a in cfg.algos.split(",") if a.strip()]
+    unknown = [a for a in algos if a not in ALGOS]
+    if unknown or not algos:
+        raise ValueError(f"unknown trainer(s) {unknown} in --algos; choose from {ALGOS}")
+    if cfg.seeds < 1 or cfg.jobs < 1:
+        raise ValueError("--seeds and --jobs must be at least 1")
+    t0 = time.time()
+    if not cfg.logs_only:
+        run_all(cfg, algos)
+    runs = load_runs(cfg.out_dir, algos, cfg.seeds)
+    text = table(cfg, runs)
+    fig_path = cfg.figure or os.path.join(cfg.out_dir, "compare.png")
+    drew = plot(cfg, runs, fig_path)
+    summary = os.path.join(cfg.out_dir, "summary.md")
+    with open(summary, "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"\ntable: {summary}" + (f"\nfigure: {fig_path}" if drew else "") +
+          ("" if cfg.logs_only else f"\ntotal wall time {time.time() - t0:.0f}s for {len(algos)} trainers x {cfg.seeds} seeds, "
+                                    f"{cfg.jobs} at a time"))
+
+
+if __name__ == "__main__":
+    main()
