@@ -1,0 +1,47 @@
+"""compare.py reads metrics logs, aggregates over seeds, and writes the table (and figure)."""
+import json
+import sys
+
+import pytest
+
+import compare
+from conftest import run
+
+
+def fake_run(path, finals, clip_key="clip_frac"):
+    path.mkdir(parents=True)
+    rows = [{"step": 0, "eval/strict": 0.3}]
+    for step in (1, 2):
+        rows.append({"step": step, "reward": 0.1 * step, "accuracy": 0.1 * step, "response_length": 20 + step,
+                     "entropy": 0.2, clip_key: 0.01, **({"gate_weight_neg": 0.9} if clip_key == "gate_weight_pos" else {})})
+    rows[-1]["eval/strict"] = finals
+    with open(path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(path / "wall_time.json", "w") as f:
+        json.dump({"wall_s": 10.0}, f)
+
+
+def test_table_from_logs(tmp_path):
+    fake_run(tmp_path / "grpo-s0", 0.6)
+    fake_run(tmp_path / "grpo-s1", 0.4)
+    fake_run(tmp_path / "sapo-s0", 0.5, clip_key="gate_weight_pos")
+    fake_run(tmp_path / "sapo-s1", 0.5, clip_key="gate_weight_pos")
+    cfg = compare.Config(algos="grpo,sapo", seeds=2, out_dir=str(tmp_path), threshold=0.55, logs_only=True)
+    runs = compare.load_runs(cfg.out_dir, ["grpo", "sapo"], 2)
+    text = compare.table(cfg, runs)
+    grpo_line = next(l for l in text.splitlines() if l.startswith("| grpo"))
+    assert "**0.500 ± 0.100**" in grpo_line and "0.600, 0.400" in grpo_line
+    assert "2 (1/2 seeds)" in grpo_line and "10 s" in grpo_line
+    assert "not reached" in next(l for l in text.splitlines() if l.startswith("| sapo"))
+    pts = compare.series(runs["sapo"], compare.trust_region)
+    assert pts[0][1] == pytest.approx(1 - 0.5 * (0.01 + 0.9))
+
+
+def test_logs_only_cli_and_missing_log_error(tmp_path):
+    fake_run(tmp_path / "grpo-s0", 0.6)
+    p = run([sys.executable, "compare.py", "--logs_only", "--algos=grpo", "--seeds=1", f"--out_dir={tmp_path}"])
+    assert "| grpo |" in p.stdout and (tmp_path / "summary.md").exists()
+    with pytest.raises(AssertionError, match="no log"):
+        run([sys.executable, "compare.py", "--logs_only", "--algos=grpo", "--seeds=2", f"--out_dir={tmp_path}"])
+    with pytest.raises(AssertionError, match="unknown trainer"):
+        run([sys.executable, "compare.py", "--logs_only", "--algos=ppo", f"--out_dir={tmp_path}"])
