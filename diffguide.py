@@ -56,10 +56,10 @@ def render(readme):
     for name in TRAINERS:
         if not os.path.exists(os.path.join(ROOT, name)):
             continue
-        pat = re.compile(rf"(<!-- diff:{re.escape(name)} begin -->\n).*?(\n<!-- diff:{re.escape(name)} end -->)", re.S)
+        pat = re.compile(rf"(<!-- diff:{re.escape(name)} begin -->\n).*?(<!-- diff:{re.escape(name)} end -->)", re.S)
         if not pat.search(readme):
             raise ValueError(f"README.md has no '<!-- diff:{name} begin/end -->' block")
-        readme = pat.sub(lambda m: m.group(1) + block(name) + m.group(2), readme)
+        readme = pat.sub(lambda m: m.group(1) + block(name) + "\n" + m.group(2), readme)
     return readme
 
 
