@@ -207,6 +207,9 @@ def load_tokenizer(path):
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    template_file = os.path.join(os.path.expanduser(path), "chat_template.jinja")
+    if tok.chat_template is None and os.path.isfile(template_file):  # transformers < 4.47 does not read this file
+        tok.chat_template = open(template_file).read()
     if tok.chat_template is None:
         raise ValueError(f"tokenizer {path!r} has no chat template; use an instruct/chat model")
     return tok
@@ -485,8 +488,9 @@ def make_rollout(tok, prompt_ids, prompt_mask, completion_ids, eos):
 # Hugging Face generate() spends a decode step mostly in Python (cache and mask bookkeeping,
 # logits processors, stopping criteria) and, under bf16
 # autocast, re-casts every fp32 weight on every step. This loop runs the decoder of a
-# Qwen2/Llama-style model from bf16 copies of its weights made once per rollout, writes keys and
-# values into a cache allocated once, and on CUDA replays each one-token step as a CUDA graph.
+# Qwen2/Llama-style model from bf16 copies of its weights made once per rollout, runs each prompt
+# through the model once for its whole group, writes keys and values into a cache allocated once,
+# and on CUDA replays each one-token step as a CUDA graph.
 # It mirrors the plain path: the numerics of autocast (fp32 residual stream and RMSNorm, bf16
 # matmuls and attention; plain fp32 on CPU), left-padded prompts with positions counted from the
 # first real token, tokens drawn as generate() draws them (temperature, then top-p, then the
@@ -512,10 +516,9 @@ def check_fast_rollout(model):
                                   "use the plain path (fast=False, --fast_rollout=false)")
 
 
-def _rotate_half(x):
-    """(x1, x2) -> (-x2, x1) over the last dim, the rotary-embedding helper of Hugging Face models."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _rms_norm(x, norm):
+    """A Hugging Face (Qwen2/Llama) RMSNorm module's output, as one fused op: w * x / rms(x), in fp32 for fp32 x."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _linear(x, wb):
@@ -556,7 +559,11 @@ class StaticDecoder:
         self.valid = torch.zeros(batch, cache_len, dtype=torch.bool, device=emb.device)  # slot holds a real token
         positions = torch.arange(cache_len, device=emb.device)[None]
         cos, sin = base.rotary_emb(torch.zeros(1, dtype=emb.dtype, device=emb.device), positions)
-        self.cos, self.sin = cos[0], sin[0]                                   # (cache_len, hd)
+        # Hugging Face rotates as x * cos + rotate_half(x) * sin, rotate_half(x1, x2) = (-x2, x1);
+        # that is exactly x * cos + x.roll(hd/2) * (sin with its first half negated), in fewer ops.
+        sign = torch.ones(self.hd, dtype=emb.dtype, device=emb.device)
+        sign[:self.hd // 2] = -1
+        self.cos, self.sin = cos[0], sin[0] * sign                            # (cache_len, hd)
         # the inputs of one decode step, updated in place (a CUDA graph reads them by address)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=emb.device)  # token fed this step
         self.pos = torch.zeros(batch, dtype=torch.long, device=emb.device)     # its rotary position
@@ -568,39 +575,41 @@ class StaticDecoder:
         (norm1, norm2, act), (wqkv, wo, wgu, wd) = self.mods[i], self.w[i]
         B, S, _ = x.shape
         H, Hkv = self.H, self.Hkv
-        h = norm1(x).to(self.dtype)
+        h = _rms_norm(x, norm1).to(self.dtype)
         qkv = _linear(h, wqkv).view(B, S, H + 2 * Hkv, self.hd).transpose(1, 2)  # (B, H + 2 Hkv, S, hd)
         qk = qkv[:, :H + Hkv]
-        qk = (qk * cos + _rotate_half(qk) * sin).to(self.dtype)  # rotary in the residual dtype, as under autocast
+        qk = (qk * cos + qk.roll(self.hd // 2, -1) * sin).to(self.dtype)  # rotary in the residual dtype, as autocast
         x = x + _linear(attend(i, qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]), wo)
-        gate, up = _linear(norm2(x).to(self.dtype), wgu).chunk(2, dim=-1)
+        gate, up = _linear(_rms_norm(x, norm2).to(self.dtype), wgu).chunk(2, dim=-1)
         return x + _linear(act(gate) * up, wd)
 
     def _logits(self, x):
         """(B, V) fp32 logits from the last residual state (B, D)."""
-        return _linear(self.base.norm(x).to(self.dtype), self.lm_head).float()
+        return _linear(_rms_norm(x, self.base.norm).to(self.dtype), self.lm_head).float()
 
-    def prefill(self, ids, mask):
-        """Run left-padded prompts (B, P) through the model into cache slots [0, P); logits of the last token."""
-        B, P = ids.shape
+    def prefill(self, ids, mask, group_size=1):
+        """Run left-padded prompts (n, P) through the model once, into cache slots [0, P) of each
+        prompt's group_size consecutive rows; (n * group_size, V) logits of the last prompt token."""
+        n, P = ids.shape
         pos = (mask.cumsum(1) - 1).clamp_min(0)                              # positions skip the left padding
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]            # (B, 1, P, hd)
-        self.valid[:, :P] = mask.bool()
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]            # (n, 1, P, hd)
+        self.valid[:, :P] = mask.bool().repeat_interleave(group_size, 0)
         eye = torch.eye(P, dtype=torch.bool, device=ids.device)
         causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
-        allowed = (causal & (mask.bool()[:, None, :] | eye))[:, None]       # (B, 1, P, P); a pad sees itself only
+        allowed = (causal & (mask.bool()[:, None, :] | eye))[:, None]       # (n, 1, P, P); a pad sees itself only
         rep = self.H // self.Hkv
 
         def attend(i, q, k, v):
-            self.k[i][:, :, :P], self.v[i][:, :, :P] = k, v
+            for cache, new in ((self.k[i], k), (self.v[i], v)):  # each group's rows share the prompt's keys
+                cache.view(n, group_size, *cache.shape[1:])[:, :, :, :P] = new[:, None]
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                                                attn_mask=allowed, scale=self.scale)
-            return o.transpose(1, 2).reshape(B, P, self.H * self.hd)
+            return o.transpose(1, 2).reshape(n, P, self.H * self.hd)
 
         x = self.base.embed_tokens(ids)
         for i in range(len(self.w)):
             x = self._layer(i, x, cos, sin, attend)
-        return self._logits(x[:, -1])
+        return self._logits(x[:, -1]).repeat_interleave(group_size, 0)
 
     def step(self, window):
         """Feed self.tokens at self.pos into cache slot self.col; logits (B, V), attending to slots [0, window)."""
@@ -669,9 +678,12 @@ def sample_tokens(logits, temperature, top_p, greedy):
 
 @torch.no_grad()
 def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0,
-                greedy=False, cuda_graphs=None, window_multiple=None, return_logprobs=False):
+                greedy=False, group_size=1, cuda_graphs=None, window_multiple=None, return_logprobs=False):
     """(B, T) completions of left-padded prompts (pad after EOS, T trimmed as generate() trims it), and
     their (B, T) log-probs under softmax(logits / temperature) if return_logprobs.
+
+    Each of the n prompt rows is sampled group_size times, in consecutive rows (B = n * group_size,
+    the order of generate()'s repeat_interleave); the prompt itself goes through the model once.
 
     cuda_graphs (default: on for CUDA) replays each decode step as a CUDA graph; a graph needs a
     fixed attention length, so steps attend to the cache in windows of window_multiple slots
@@ -685,7 +697,7 @@ def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, tem
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
     m = window_multiple or (128 if cuda_graphs else 1)
-    B, P = prompt_ids.shape
+    B, P = prompt_ids.shape[0] * group_size, prompt_ids.shape[1]
     cache_len = -(-(P + max_new_tokens) // m) * m
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and P + max_new_tokens > limit:
@@ -699,11 +711,11 @@ def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, tem
     unfinished = torch.ones(B, dtype=torch.long, device=device)
     with torch.autocast(device.type, enabled=False):       # the decoder casts explicitly, as autocast would
         dec = StaticDecoder(model, B, cache_len, dtype)
-        dec.pos.copy_(prompt_mask.sum(1) - 1)
+        dec.pos.copy_((prompt_mask.sum(1) - 1).repeat_interleave(group_size))
         dec.col.fill_(P - 1)
         for t in range(max_new_tokens):
             if t == 0:
-                logits = dec.prefill(prompt_ids, prompt_mask)
+                logits = dec.prefill(prompt_ids, prompt_mask, group_size)
             else:
                 window = min(cache_len, -(-(P + t) // m) * m)  # slots 0 .. P+t-1 are filled
                 logits = dec.graphed_step(window) if cuda_graphs else dec.step(window)
@@ -732,9 +744,9 @@ def fast_generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_token
                   greedy=False):
     """generate() through fast_decode: the same Rollout, the same sampling, less overhead."""
     eos = eos_token_ids(model, tok)
-    ids = prompt_ids.repeat_interleave(group_size, 0)
-    mask = prompt_mask.repeat_interleave(group_size, 0)
-    completion_ids, _ = fast_decode(model, ids, mask, max_new_tokens, eos, tok.pad_token_id, temperature, top_p, greedy)
+    completion_ids, _ = fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
+                                    temperature, top_p, greedy, group_size)
+    ids, mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
     return make_rollout(tok, ids, mask, completion_ids, eos)
 
 

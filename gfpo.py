@@ -80,6 +80,7 @@ class Config:
     max_new_tokens: int = 300  # completion length cap; a completion without EOS by then is truncated
     temperature: float = 1.0  # sampling temperature; log-probs are computed under the same temperature
     top_p: float = 1.0  # nucleus sampling (1.0 = off, so π_old is exactly the sampling distribution)
+    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decode loop (+ CUDA graphs); same sampling as HF generate
     system_prompt: str = common.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
     format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1)
     # optimisation
@@ -268,7 +269,8 @@ def main():
     logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
     def evaluate():
-        return common.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt)
+        return common.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
+                               fast=cfg.fast_rollout)
 
     if start_step == 0:
         ev = evaluate()
@@ -291,7 +293,7 @@ def main():
         # 2. rollout: G completions per prompt from π_old (the current policy)
         raw.eval()
         r = common.generate(raw.lm, tok, prompt_ids, prompt_mask, cfg.group_size, cfg.max_new_tokens,
-                            cfg.temperature, cfg.top_p)
+                            cfg.temperature, cfg.top_p, fast=cfg.fast_rollout)
         answers = [p["answer"] for p in problems for _ in range(cfg.group_size)]
         mask = r.completion_mask                                                  # (B, T)
 
