@@ -1099,6 +1099,8 @@ class Logger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        if not getattr(cfg, "resume", ""):  # a fresh run starts a fresh log; a resumed one appends
+            open(self.path, "w").close()
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
         if wandb_project:

@@ -1,5 +1,6 @@
 """Config parsing: overrides, --tiny, --help, and clear errors on typos and bad types."""
 import dataclasses
+import json
 
 import pytest
 
@@ -52,3 +53,12 @@ def test_every_field_is_documented_in_help():
 def test_help_from_command_line():
     p = run(["python", "grpo.py", "--help"])
     assert "--clip_eps=0.2" in p.stdout and "--tiny" in p.stdout
+
+
+def test_fresh_run_starts_a_fresh_log_and_resume_appends(tmp_path):
+    for cfg in (grpo.Config(), grpo.Config()):  # two fresh runs in the same run dir
+        common.Logger(str(tmp_path), cfg, True).log(1, {"reward": 0.5})
+    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 1
+    common.Logger(str(tmp_path), grpo.Config(resume=str(tmp_path)), True).log(2, {"reward": 0.7})
+    assert [l.count('"step"') for l in open(tmp_path / "metrics.jsonl")] == [1, 1]
+    assert json.loads(open(tmp_path / "config.json").read())["resume"] == str(tmp_path)
