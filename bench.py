@@ -93,7 +93,7 @@ class NoEosTokenizer:
 def build_model(cfg, device):
     """(fp32 model in eval mode, pad id): the cached tiny model, or Qwen2.5-1.5B-Instruct with random weights."""
     if cfg.tiny:
-        path = common.ensure_tiny_model(common.Dist(False, 0, 0, 1, device, True))
+        path = common.model_path("tiny", common.Dist(False, 0, 0, 1, device, True))
         model, pad_id = common.load_model(path, device), common.load_tokenizer(path).pad_token_id
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -286,4 +286,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

@@ -58,7 +58,7 @@ PANELS = [("held-out greedy accuracy", lambda r: r.get("eval/strict")),
 
 def run_all(cfg, algos):
     """Launch every (trainer, seed) run, `jobs` at a time; returns {run_dir: wall seconds}."""
-    common.ensure_tiny_model(common.Dist(False, 0, 0, 1, torch.device("cpu"), True))  # build once, before the runs race
+    common.model_path("tiny", common.Dist(False, 0, 0, 1, torch.device("cpu"), True))  # build once, before runs race
     todo = [(a, s) for s in range(cfg.seeds) for a in algos]
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -204,4 +204,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

@@ -1,126 +1,97 @@
 """
-DAPO: Decoupled Clip and Dynamic sAmpling Policy Optimization (Yu et al., ByteDance Seed and
-Tsinghua AIR, arXiv 2503.14476).
+DAPO: Decoupled Clip and Dynamic sAmpling Policy Optimization (Yu et al., ByteDance Seed, arXiv 2503.14476).
 
-GRPO with four changes that keep long-CoT RL from collapsing, and without the KL term. The policy
-maximises the clip-higher surrogate summed over every completion token and divided by the number
-of those tokens, on groups whose answers are neither all right nor all wrong:
+GRPO with four changes that keep long chain-of-thought RL from collapsing, and without the KL term.
+The policy maximises the clip-higher surrogate summed over every completion token and divided by
+their number, on groups whose answers are neither all right nor all wrong:
 
-    J = 1/Σ_i|o_i| Σ_i Σ_t min(ρ_it Â_i, clip(ρ_it, 1-ε_low, 1+ε_high) Â_i)              (eq. 8/12)
-    s.t. 0 < |{o_i : is_equivalent(a, o_i)}| < G                                              (eq. 11)
-    Â_i = (R_i - mean(R)) / std(R),   R_i = ±1 correctness (eq. 7) + R_length(|o_i|) (eq. 13)
+    J = 1/Σ_i|o_i| Σ_i Σ_t min(ρ_it Â_i, clip(ρ_it, 1-ε_low, 1+ε_high) Â_i)               (eq. 8, 12)
+    s.t. 0 < |{o_i : is_equivalent(a, o_i)}| < G                                               (eq. 11)
+    R_i = ±1 correctness (eq. 7) + R_length(|o_i|), the soft overlong punishment               (eq. 13)
 
-What changes versus grpo.py (every changed line carries the [DAPO] tag), numbered:
- 1. Clip-Higher (§3.1, eq. 10): decoupled ε_low = 0.2, ε_high = 0.28, so a low-probability
-    "exploration" token can gain more before the clip stops it (entropy collapse counter).
- 2. Token-level policy-gradient loss (§3.3, eq. 12): the surrogate is summed over every completion
-    token of the mini-batch and divided by their number, across micro-batches and DDP ranks (the
-    count is all-reduced), so long completions weigh in proportion to their length and 2 ranks take
-    the same step as 1 process on the same rollouts.
- 3. Dynamic sampling (§3.2, Algorithm 1): groups whose accuracy is 0 or 1 (Â ≡ 0) are dropped and
-    fresh prompts are sampled, round after round, until batch_prompts groups survive (an error
-    after max_sampling_rounds). Kept counts are summed over ranks, so all ranks stop together, and
-    the first batch_prompts kept groups are then shared evenly over ranks (no DDP hang when one
-    rank's groups are all filtered; every rank runs the same forward/backward/optimizer calls).
- 4. Overlong reward shaping (§3.4): the soft overlong punishment R_length (eq. 13, L_max =
-    max_new_tokens, L_cache = overlong_cache) is added to the reward; overlong filtering (mask the
-    loss of truncated completions) is an option, off by default, as in the paper's final recipe.
- 5. No KL term and no reference model (§2.3). Correctness is ±1 (eq. 7), not 0/1: the scale
-    matters once R_length is added (a correct answer at L_max scores 0, still above a wrong one).
+What changes versus GRPO, numbered:
+ 1. Clip-Higher (§3.1): ε_low = 0.2, ε_high = 0.28, so unlikely tokens can gain more before the clip.
+ 2. Token-level loss (§3.3): a sum over the mini-batch's tokens (all micro-batches and ranks) / their count.
+ 3. Dynamic sampling (§3.2): all-right and all-wrong groups are dropped and fresh prompts sampled until
+    batch_prompts groups survive, counted over all ranks, which then share the kept groups evenly.
+ 4. Overlong reward shaping (§3.4, eq. 13); overlong filtering is an option, off as in the final recipe.
+ 5. No KL term (β = 0, §2.3), so no reference model; correctness is ±1 (eq. 7); G = 16.
 
 Launch:
-    python dapo.py --tiny                          # embedded default: CPU, no downloads, ~10 CPU-min
-    torchrun --nproc_per_node=2 dapo.py            # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
-    torchrun --nproc_per_node=2 dapo.py --tiny     # the tiny default under DDP (gloo on CPU)
-    python dapo.py --overlong_filter               # also mask truncated completions (§3.4 ablation)
-    python dapo.py --help                          # every knob with its default
+    python dapo.py --tiny                    # the embedded tiny default: CPU, no downloads, a few minutes
+    torchrun --nproc_per_node=2 dapo.py      # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
 
-Paper defaults kept: G=16 completions per prompt, lr 1e-6 (AdamW, constant after a 20-step linear
-warm-up), ε_low/ε_high = 0.2/0.28, no KL. Scaled down, to fit a 1.5B model on 2 GPUs and GSM8K:
- - batch_prompts 16 instead of 512 (16 x 16 = 256 completions per step, as grpo.py's 32 x 8);
- - num_minibatches 4 (64 completions each) instead of 16 mini-batches of 512 completions: with 256
-   completions, 16 updates would be 1 prompt per optimizer step;
- - L_max = max_new_tokens = 300 and L_cache = 60 instead of 20,480 and 4,096 (GSM8K solutions run
-   100-250 tokens, not 16K; L_cache keeps the paper's 20% of L_max);
- - each sampling round generates batch_prompts prompts (verl's recipe over-samples 3x,
-   gen_prompt_bsz=1536 for 512), at most max_sampling_rounds = 10 rounds (verl max_num_gen_batches).
 Departures from the paper, numbered:
- 1. The token normaliser is the mini-batch's token count across prompts (as verl token-mean and
-    TRL loss_type="dapo"), not per question as eq. 12 writes it inside the expectation.
- 2. Outcome rewards are rule-based GSM8K answer match (±1) plus a small format term, on GSM8K, not
-    DAPO-Math-17K. The dynamic-sampling filter uses accuracy (eq. 11); --filter_metric=reward
-    drops only groups whose total rewards are all equal.
- 3. Prompts of round k of step s come from slot s * max_sampling_rounds + k of the seeded prompt
-    stream, so a resumed run draws the same prompts without saving a cursor; the slots of rounds
-    not needed are skipped (each epoch reshuffles, so no prompt is favoured).
-Expected result on the tiny default: held-out greedy accuracy 0.285 -> 0.585 (seed 0; docs/dapo.md).
+ 1. The token count normalises each mini-batch across prompts, as verl and TRL do, not per question.
+ 2. 16 prompts x 16, L_max = 300 and L_cache = 60 instead of 512 x 16, 20,480 and 4,096 (docs/dapo.md).
+ 3. Rule-based outcome rewards (GSM8K answer match plus a small format term), not a reward model.
+
+Details: docs/dapo.md
 """
-import math  # [DAPO] ceil for the size of the next sampling round
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist  # [DAPO] all_gather_object: share the kept groups over ranks
-import torch.nn.functional as F  # [DAPO] pad rollouts of different widths before concatenating
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
+import evaluation
+import gsm8k
 
 
 @dataclass
 class Config:
     # run
     tiny: bool = False  # the embedded default: tiny Qwen2 model + synthetic GSM8K-style task (CPU, no downloads)
-    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name or local dir of the initial policy  # [DAPO] no reference model
-    data_path: str = ""  # local GSM8K: a jsonl file or a dir with train.jsonl/test.jsonl ("" = hub openai/gsm8k)
-    run_dir: str = "runs/dapo"  # [DAPO] metrics.jsonl, config.json and checkpoints go here
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # initial policy (and reference): hub name, local dir, or "tiny"
+    data_path: str = ""  # GSM8K: a dir with train.jsonl/test.jsonl, a train jsonl file, "tiny", or "" (the hub)
+    test_path: str = ""  # held-out jsonl ("" = test.jsonl beside data_path; required when data_path is a file)
+    run_dir: str = ""  # metrics.jsonl, config.json and checkpoints ("" = runs/<trainer>, runs/<trainer>-tiny)
     resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
+    overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
     seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling (rank r uses seed + r)
     # rollout
-    num_steps: int = 200  # rollout batches; each is followed by num_minibatches optimizer steps
-    batch_prompts: int = 16  # [DAPO] kept prompts per rollout batch, over all ranks (divisible by world size; paper 512)
-    group_size: int = 16  # [DAPO] G: completions sampled per prompt (paper: 16)
-    max_new_tokens: int = 300  # completion length cap; a completion without EOS by then is truncated  # [DAPO] = L_max of eq. 13
-    temperature: float = 1.0  # sampling temperature; log-probs are computed under the same temperature
-    top_p: float = 1.0  # nucleus sampling (1.0 = off, so π_old is exactly the sampling distribution)
-    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decode loop (+ CUDA graphs); same sampling as HF generate
-    system_prompt: str = common.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
-    format_weight: float = 0.1  # [DAPO] reward = correctness (±1, eq. 7) + format_weight * format (0/1) + R_length
+    num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
+    batch_prompts: int = 16  # [DAPO] kept prompts per rollout batch over all ranks (÷ world size), in [1, inf)
+    group_size: int = 16  # [DAPO] G: completions sampled per prompt (the paper's 16), in [2, inf)
+    max_new_tokens: int = 300  # completion length cap, in [1, inf); a completion without EOS by then is truncated
+    temperature: float = 1.0  # sampling temperature, in (0, inf); log-probs are computed under the same one
+    top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
+    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
+    system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
+    format_weight: float = 0.1  # [DAPO] reward = correctness (±1, eq. 7) + this * format + R_length, in [0, inf)
     # optimisation
-    lr: float = 1e-6  # AdamW learning rate (DeepSeekMath: 1e-6)  # [DAPO] DAPO §4.1: 1e-6 too
-    warmup_steps: int = 20  # [DAPO] linear learning-rate warm-up, in rollout steps (DAPO §4.1: 20)
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping
-    num_minibatches: int = 4  # optimizer steps per rollout batch (mini-batches of the rollout)
-    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a mini-batch)
+    lr: float = 1e-6  # AdamW learning rate, in (0, inf) (DeepSeekMath: 1e-6)
+    warmup_steps: int = 20  # [DAPO] linear learning-rate warm-up in rollout steps (§4.1: 20), in [0, inf)
+    weight_decay: float = 0.0  # AdamW weight decay, in [0, inf)
+    max_grad_norm: float = 1.0  # gradient clipping, in (0, inf)
+    num_minibatches: int = 4  # optimizer steps per rollout batch (mini-batches of the rollout), in [1, inf)
+    micro_batch_size: int = 8  # sequences per forward/backward (accumulated within a mini-batch), in [1, inf)
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
-    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation
+    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
     # algorithm
-    # [DAPO] clip-higher (§3.1, eq. 10) replaces the symmetric ε; no KL, so no β (§2.3)
-    clip_eps_low: float = 0.2  # ε_low: ρ below 1 - ε_low is clipped when Â < 0
-    clip_eps_high: float = 0.28  # ε_high: ρ above 1 + ε_high is clipped when Â > 0 (clip-higher)
-    overlong_cache: int = 60  # L_cache of eq. 13: the soft punishment ramps over the last L_cache tokens
-    overlong_filter: bool = False  # mask the loss of truncated completions (§3.4; off in the paper's final recipe)
-    dynamic_sampling: bool = True  # drop groups with all-equal filter_metric and resample (§3.2; false = ablation)
-    filter_metric: str = "accuracy"  # dynamic-sampling filter: "accuracy" (eq. 11, verl metric=acc) or "reward"
-    max_sampling_rounds: int = 10  # give up with an error after this many sampling rounds per step
+    clip_eps_low: float = 0.2  # [DAPO] ε_low, in (0, 1): ρ below 1 - ε_low is clipped when Â < 0
+    clip_eps_high: float = 0.28  # [DAPO] ε_high, in (0, inf): ρ above 1 + ε_high is clipped when Â > 0
+    beta: float = 0.0  # [DAPO] β: k3 KL coefficient, in [0, inf); 0 as in the paper (no KL, no reference model)
+    overlong_cache: int = 60  # [DAPO] L_cache of eq. 13, in [1, inf): the punishment ramps over the last L_cache
+    overlong_filter: bool = False  # [DAPO] mask the loss of truncated completions (§3.4; off in the final recipe)
+    dynamic_sampling: bool = True  # [DAPO] drop groups with all-equal filter_metric and resample (§3.2)
+    filter_metric: str = "accuracy"  # [DAPO] dynamic-sampling filter, in {accuracy, reward} (eq. 11: accuracy)
+    max_sampling_rounds: int = 10  # [DAPO] give up with an error after this many sampling rounds, in [1, inf)
     # evaluation and logging
-    eval_every: int = 25  # held-out greedy evaluation every this many steps (0 = only before and after)
-    eval_problems: int = 250  # held-out test problems per evaluation
-    save_every: int = 50  # checkpoint every this many steps (and at the end)
+    eval_every: int = 25  # held-out greedy evaluation every this many steps, in [0, inf) (0 = before and after)
+    eval_problems: int = 250  # held-out test problems per evaluation, in [1, inf)
+    save_every: int = 50  # checkpoint every this many steps (and at the end), in [1, inf)
     wandb_project: str = ""  # log to this wandb project too (needs `pip install wandb`)
 
 
-# --tiny sets these (explicit --key=value flags still win): a run of a few minutes on 2 CPU cores.
-TINY = dict(num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32, system_prompt="",
-            lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64, gradient_checkpointing=False,
-            eval_every=20, eval_problems=200, save_every=20, run_dir="runs/dapo-tiny",  # [DAPO] run_dir
-            # [DAPO] G=8 as grpo.py's tiny run (CPU budget). L_cache=8: correct full solutions are at
-            # most 24 tokens with EOS, so they go unpunished; rambling ones (25-32 tokens) are not.
-            overlong_cache=8)
+# --tiny sets these (explicit --key=value flags still win): a run of about a minute on 2 CPU cores.
+TINY = dict(model="tiny", data_path="tiny", num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32,
+            system_prompt="", lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64,
+            gradient_checkpointing=False, eval_every=20, eval_problems=200, save_every=20)
+TINY.update(group_size=8, overlong_cache=8)  # [DAPO] grpo.py's G; full solutions (<= 24 tokens) go unpunished
 
 
 # -----------------------------------------------------------------------------
@@ -142,107 +113,68 @@ def group_advantages(rewards, group_size):
     return adv.view(-1)
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_eps_low, clip_eps_high, num_tokens=None):  # [DAPO]
-    """-J_DAPO: the clip-higher surrogate summed over tokens, divided by num_tokens.  # [DAPO]
+def kl_k3(logp, ref_logp):
+    """The k3 estimate of KL(π_θ || π_ref) per token (eq. 4): π_ref/π_θ - log(π_ref/π_θ) - 1 >= 0."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
 
-    logp, old_logp, mask: (B, T); advantages: (B,). num_tokens is Σ|o_i| of the whole mini-batch  # [DAPO]
-    over all micro-batches and ranks (default: mask.sum(), this batch alone), so the micro-batch
-    losses add up to the token-level loss of eq. 12. verl token-mean and TRL loss_type="dapo" also
-    normalise by the batch's tokens; verl's DAPO recipe adds a dual-clip (c=10) that the paper lacks.
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps_low, clip_eps_high, beta,  # [DAPO]
+                num_tokens):
+    """-J_DAPO (eq. 12): the token sum over num_tokens = Σ|o_i| of the mini-batch (all micro-batches and ranks).
+
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp is unused when beta == 0.
     """
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)                                        # ρ (B, T)
     A = advantages[:, None]
-    surrogate = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A)  # [DAPO] eq. 10
-    # [DAPO] token-level loss (eq. 12): no per-sequence 1/|o_i|, no KL term (§2.3)
-    num_tokens = mask.sum().clamp_min(1) if num_tokens is None else num_tokens
-    loss = -(surrogate * mask).sum() / num_tokens
+    per_token = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A)  # [DAPO] eq. 10
+    kl = kl_k3(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)       # (B, T)
+    per_token = per_token - beta * kl
+    loss = -(per_token * mask).sum() / num_tokens  # [DAPO] token-level (eq. 12): no per-sequence 1/|o_i|
     with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
         clip_high = (A > 0) & (ratio > 1 + clip_eps_high)  # [DAPO] the upper clip, which clip-higher loosens
         clipped = clip_high | ((A < 0) & (ratio < 1 - clip_eps_low))
         stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
                  "clip_frac_high": ((clip_high.float() * mask).sum(), mask.sum()),  # [DAPO]
+                 "kl": ((kl * mask).sum(), mask.sum()),
                  "ratio": ((ratio * mask).sum(), mask.sum())}
     return loss, stats
 
 
-# [DAPO] the rest of this section: reward shaping (§3.4) and dynamic sampling (§3.2)
+def signed_correctness(completion, answer):  # [DAPO] eq. 7
+    """+1 if the completion's '####' answer equals the reference, else -1."""
+    return 2.0 * gsm8k.correctness_reward(completion, answer) - 1.0
 
 
-def signed_correctness(completion, answer):
-    """Eq. 7: +1 if the completion's '####' answer equals the reference, else -1."""
-    return 2.0 * common.correctness_reward(completion, answer) - 1.0
-
-
-def overlong_penalty(lengths, max_len, cache_len):
-    """Soft overlong punishment R_length(|y|) of eq. 13, per completion; (B,) -> (B,) float.
-
-    0 up to L_max - L_cache tokens, then a linear ramp to -1 at L_max, and -1 beyond. A truncated
-    completion here has exactly L_max = max_new_tokens tokens, so it gets -1. verl computes the
-    same (min(-(len - (L_max - L_cache)) / L_cache, 0)); TRL's get_soft_overlong_punishment too.
-    """
+def overlong_penalty(lengths, max_len, cache_len):  # [DAPO] the soft overlong punishment, eq. 13
+    """R_length(|y|): 0 up to L_max - L_cache tokens, a linear ramp to -1 at L_max, -1 beyond; (B,) -> (B,)."""
     y = lengths.float()
     ramp = ((max_len - cache_len) - y) / cache_len
-    return torch.where(y <= max_len - cache_len, torch.zeros_like(y), torch.where(y <= max_len, ramp, -torch.ones_like(y)))
+    return torch.where(y <= max_len - cache_len, 0.0, torch.where(y <= max_len, ramp, -1.0))
 
 
-def keep_groups(values, group_size):
-    """Dynamic-sampling filter (eq. 11): True for each group whose G values are not all equal; (B,) -> (prompts,).
-
-    With values = correctness this is 0 < |{correct}| < G; such a group has Â ≢ 0. verl also keeps
-    singleton groups (G=1); here they are dropped, since their advantage is always 0.
-    """
+def keep_groups(values, group_size):  # [DAPO] the dynamic-sampling filter, eq. 11
+    """True for each group whose G values are not all equal (with correctness: 0 < #correct < G); (B,) -> (prompts,)."""
     v = values.view(-1, group_size)
     return v.max(1).values - v.min(1).values > 1e-6
 
 
-def select_rows(r, rows):
-    """The Rollout restricted to `rows` (1-D indices), on r's device."""
-    idx = rows.to(r.prompt_ids.device)
-    return common.Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.completion_ids[idx], r.completion_mask[idx],
-                          r.lengths[idx], r.truncated[idx], [r.texts[i] for i in rows.tolist()])
-
-
-def cat_rollouts(rs, pad_id, device):
-    """Concatenate Rollouts of different widths: prompts left-padded, completions right-padded.
-
-    Extra padding is masked out, and positions come from the attention mask, so the log-probs of
-    the real tokens do not change (a test checks this).
-    """
-    P = max(r.prompt_ids.shape[1] for r in rs)
-    T = max(r.completion_ids.shape[1] for r in rs)
-    left = lambda x, v: F.pad(x.to(device), (P - x.shape[1], 0), value=v)   # noqa: E731
-    right = lambda x, v: F.pad(x.to(device), (0, T - x.shape[1]), value=v)  # noqa: E731
-    return common.Rollout(torch.cat([left(r.prompt_ids, pad_id) for r in rs]),
-                          torch.cat([left(r.prompt_mask, 0) for r in rs]),
-                          torch.cat([right(r.completion_ids, pad_id) for r in rs]),
-                          torch.cat([right(r.completion_mask, 0) for r in rs]),
-                          torch.cat([r.lengths.to(device) for r in rs]), torch.cat([r.truncated.to(device) for r in rs]),
-                          [t for r in rs for t in r.texts])
-
-
-def gather_kept_groups(pool, batch_prompts, group_size, pad_id, d):
+def gather_kept_groups(pool, batch_prompts, group_size, d):  # [DAPO] every rank gets batch_prompts / W groups
     """This rank's share of the first batch_prompts kept groups of all ranks: (Rollout, rewards).
 
-    pool: this rank's kept groups, a list of (keys (k,), Rollout (k*G rows), rewards (k*G,)), one
-    entry per sampling round (k may be 0). A key is the group's position in the global prompt
-    stream, so "first" means the same groups whatever the world size. Every rank gets exactly
-    batch_prompts / world_size groups, also a rank whose own groups were all filtered.
+    pool: this rank's kept groups, one (keys (k,), Rollout (k*G rows), rewards (k*G,)) per sampling round.
+    A key is the group's position in the global prompt stream, so "first" does not depend on the world size.
     """
-    keys = torch.cat([k.cpu() for k, _, _ in pool])
-    r = cat_rollouts([x for _, x, _ in pool], pad_id, torch.device("cpu"))
-    rewards = torch.cat([w.cpu() for _, _, w in pool])
-    if d.ddp:  # every rank receives every rank's kept groups (token ids only: small)
-        parts = [None] * d.world_size
-        dist.all_gather_object(parts, (keys, r, rewards))
-        keys = torch.cat([k for k, _, _ in parts])
-        r = cat_rollouts([x for _, x, _ in parts], pad_id, torch.device("cpu"))
-        rewards = torch.cat([w for _, _, w in parts])
-    if len(keys) < batch_prompts:
-        raise RuntimeError(f"dynamic sampling: {len(keys)} kept groups cannot fill batch_prompts={batch_prompts}")
-    mine = keys.argsort()[:batch_prompts][d.rank::d.world_size]               # group indices, global order
-    rows = (mine[:, None] * group_size + torch.arange(group_size)).view(-1)  # (batch_prompts / W * G,)
-    return select_rows(cat_rollouts([r], pad_id, d.device), rows), rewards[rows].to(d.device)
+    cpu = torch.device("cpu")
+    mine = (torch.cat([k.cpu() for k, _, _ in pool]), common.Rollout.cat([x for _, x, _ in pool], cpu),
+            torch.cat([w.cpu() for _, _, w in pool]))
+    parts = common.all_gather_objects(mine, d)  # every rank's kept groups: token ids only, small
+    keys, r, rewards = torch.cat([p[0] for p in parts]), common.Rollout.cat([p[1] for p in parts], d.device), \
+        torch.cat([p[2] for p in parts])
+    order = keys.argsort()[:batch_prompts][d.rank::d.world_size]             # group indices, global order
+    rows = (order[:, None] * group_size + torch.arange(group_size)).view(-1)
+    return r.select(rows), rewards[rows].to(d.device)
 
 
 # -----------------------------------------------------------------------------
@@ -252,129 +184,92 @@ def gather_kept_groups(pool, batch_prompts, group_size, pad_id, d):
 def main():
     cfg = common.parse_config(Config, tiny=TINY)
     d = common.setup_distributed()
-    if cfg.batch_prompts % d.world_size:
-        raise ValueError(f"batch_prompts={cfg.batch_prompts} must be divisible by the world size {d.world_size}")
-    B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
-    if B % cfg.num_minibatches:
-        raise ValueError(f"{B} completions per rank do not split into num_minibatches={cfg.num_minibatches}")
-    if cfg.filter_metric not in ("accuracy", "reward"):  # [DAPO]
-        raise ValueError(f"filter_metric={cfg.filter_metric!r}: expected 'accuracy' or 'reward'")
+    B = common.completions_per_rank(cfg, d)  # this rank's prompts x G
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
-    if cfg.tiny:
-        cfg.model = common.ensure_tiny_model(d, log=log)
 
-    # model, tokenizer, optimizer  # [DAPO] no reference model: DAPO has no KL term (§2.3)
-    tok = common.load_tokenizer(cfg.model)
-    ckpt = common.resolve_checkpoint(cfg.resume) if cfg.resume else ""
-    master_dtype = torch.float32  # fp32 master weights: lr=1e-6 updates survive (bf16 would round them away)
-    policy = common.Policy(common.load_model(ckpt or cfg.model, d.device, master_dtype),
-                           cfg.logprob_chunk, cfg.gradient_checkpointing).train()
-    raw = policy  # the unwrapped module: generation and saving use raw.lm
-    if d.ddp:
-        policy = DDP(policy, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    # [DAPO] grpo.py loads a frozen reference model here for the KL term; DAPO drops both (§2.3)
+    # policy (fp32 master weights), reference model, tokenizer, optimizer
+    path = common.model_path(cfg.model, d)
+    ckpt = common.find_checkpoint(cfg.resume) if cfg.resume else ""
+    tok = common.load_tokenizer(path)
+    raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
+    raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
+    policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
+    ref = common.reference_model(path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    start_step = common.load_trainer_state(ckpt, optimizer, d) if ckpt else 0
+    start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
 
-    # data and rewards
+    # data, rewards, logging
     train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
-    reward_fns = [(1.0, signed_correctness), (cfg.format_weight, common.format_reward)]  # [DAPO] ±1 (eq. 7)
+    reward_fns = [(1.0, signed_correctness), (cfg.format_weight, gsm8k.format_reward)]  # [DAPO] ±1 (eq. 7)
     logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
     def evaluate():
-        return common.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
-                               fast=cfg.fast_rollout)
+        return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
+                                   fast=cfg.fast_rollout)
 
     if start_step == 0:
         ev = evaluate()
         log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
         logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
 
-    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc="dapo")  # [DAPO]
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
     for step in pbar:
-        t0 = time.time()
+        t0, sums = time.time(), {}
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
         for g in optimizer.param_groups:
             g["lr"] = lr
 
-        # [DAPO] dynamic sampling (§3.2, Algorithm 1): steps 1-3 repeat on fresh prompts until the kept
-        # groups (0 < #correct < G, eq. 11) fill the prompt batch. The kept count is summed over ranks
-        # every round, so all ranks leave the loop at the same round (or raise together).
-        sums, pool, n_kept, n_sampled, n_round = {}, [], 0, 0, cfg.batch_prompts
+        # [DAPO] dynamic sampling (§3.2): steps 1-3 repeat on fresh prompts until the kept groups, counted
+        # over all ranks every round (so every rank leaves at the same round), fill the prompt batch
+        pool, n_kept, n_sampled, n_round = [], 0, 0, cfg.batch_prompts
         for rnd in range(cfg.max_sampling_rounds):
-            # 1. prompts: this rank's share of the round's n_round global prompts
-            slot = step * cfg.max_sampling_rounds + rnd  # departure 3 in the docstring
+            # 1. prompts: this rank's share of the round's n_round global prompts (slot: a resume redraws them)
+            slot = step * cfg.max_sampling_rounds + rnd
             idx = common.prompt_indices(len(train), slot, cfg.batch_prompts, cfg.seed)[:n_round][d.rank::d.world_size]
-            problems = [train[i] for i in idx]
-            prompts = [common.build_prompt(tok, p["question"], cfg.system_prompt) for p in problems]
-            prompt_ids, prompt_mask = common.tokenize_prompts(tok, prompts, d.device)
 
             # 2. rollout: G completions per prompt from π_old (the current policy)
-            raw.eval()
-            r = common.generate(raw.lm, tok, prompt_ids, prompt_mask, cfg.group_size, cfg.max_new_tokens,
-                                cfg.temperature, cfg.top_p, fast=cfg.fast_rollout)
-            answers = [p["answer"] for p in problems for _ in range(cfg.group_size)]
+            r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
 
-            # 3. rewards: ±1 correctness (eq. 7) + format + soft overlong punishment (eq. 13)  # [DAPO]
-            rewards = common.compute_rewards(r.texts, answers, reward_fns).to(d.device)  # (B_round,)
-            length_penalty = overlong_penalty(r.lengths, cfg.max_new_tokens, cfg.overlong_cache)
-            rewards = rewards + length_penalty
-            correct = torch.tensor([common.correctness_reward(t, a) for t, a in zip(r.texts, answers)])
-            if cfg.dynamic_sampling:
-                keep = keep_groups(correct if cfg.filter_metric == "accuracy" else rewards.cpu(), cfg.group_size)
-            else:
-                keep = torch.ones(len(problems), dtype=torch.bool)
+            # 3. rewards: ±1 correctness + format + the soft overlong punishment (eq. 13), then the filter
+            penalty = overlong_penalty(r.lengths, cfg.max_new_tokens, cfg.overlong_cache)
+            rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device) + penalty  # (B_round,)
+            correct = torch.tensor([gsm8k.correctness_reward(t, a) for t, a in zip(r.texts, r.answers)])
+            metric = correct if cfg.filter_metric == "accuracy" else rewards.cpu()
+            keep = keep_groups(metric, cfg.group_size) if cfg.dynamic_sampling else torch.ones(len(idx)).bool()
             kept = keep.nonzero().view(-1)                                        # local group indices
-            keys = rnd * cfg.batch_prompts + kept * d.world_size + d.rank         # global stream positions
             rows = (kept[:, None] * cfg.group_size + torch.arange(cfg.group_size)).view(-1)
-            pool.append((keys, select_rows(r, rows), rewards[rows.to(d.device)]))
-
-            # metrics of everything sampled (the trained batch is biased by the filter)
-            n = len(r.texts)
-            zero_std = rewards.view(-1, cfg.group_size).std(1) < 1e-6
-            for key, s, c in [("reward", rewards.sum(), n), ("accuracy", correct.sum(), n),
-                              ("response_length", r.lengths.float().sum(), n), ("truncated", r.truncated.sum(), n),
-                              ("overlong_penalty", length_penalty.sum(), n),
-                              ("zero_std_groups", zero_std.sum(), len(zero_std)), ("filtered_groups", (~keep).sum(), len(keep))]:
-                common.accumulate(sums, key, s, c)
-            n_kept += int(common.all_reduce_sum(torch.tensor(len(kept), device=d.device), d).item())
+            keys = rnd * cfg.batch_prompts + kept * d.world_size + d.rank        # global stream positions
+            pool.append((keys, r.select(rows), rewards[rows.to(d.device)]))
+            common.rollout_metrics(sums, r, rewards, cfg.group_size)  # of all sampled groups, not only the kept
+            common.accumulate(sums, "overlong_penalty", penalty.sum(), len(penalty))
+            common.accumulate(sums, "filtered_groups", (~keep).sum(), len(keep))
+            n_kept += int(common.all_reduce_sum(torch.tensor(len(kept), device=d.device), d))
             n_sampled += n_round
             if n_kept >= cfg.batch_prompts:
                 break
-            # the next round samples the missing groups over the pass rate so far (at most batch_prompts,
-            # a multiple of the world size), not a whole batch: 2 missing groups cost 2-3 prompts
-            need = math.ceil((cfg.batch_prompts - n_kept) * n_sampled / max(n_kept, 1))
-            n_round = min(cfg.batch_prompts, math.ceil(need / d.world_size) * d.world_size)
+            # the next round: the missing groups over the pass rate so far, a multiple of the world size
+            need = -(-(cfg.batch_prompts - n_kept) * n_sampled // max(n_kept, 1))
+            n_round = min(cfg.batch_prompts, -(-need // d.world_size) * d.world_size)
         else:
-            raise RuntimeError(
-                f"dynamic sampling: only {n_kept} of batch_prompts={cfg.batch_prompts} groups kept after "
-                f"max_sampling_rounds={cfg.max_sampling_rounds} rounds ({n_sampled} "
-                f"prompts) at step {step}: nearly every group is all right or all wrong ({cfg.filter_metric}). "
-                f"Raise --max_sampling_rounds, lower --batch_prompts, or check the task's difficulty and rewards.")
-        rounds = rnd + 1
-        r, rewards = gather_kept_groups(pool, cfg.batch_prompts, cfg.group_size, tok.pad_token_id, d)
-        mask = r.completion_mask                                                  # (B, T)
-        if cfg.overlong_filter:  # [DAPO] §3.4 overlong filtering: truncated completions get no loss
-            mask = mask * ~r.truncated[:, None]
+            raise RuntimeError(f"dynamic sampling: {n_kept} of batch_prompts={cfg.batch_prompts} groups kept after "
+                               f"{n_sampled} prompts in max_sampling_rounds={cfg.max_sampling_rounds}: nearly every "
+                               "group is all right or all wrong; raise --max_sampling_rounds or check the rewards")
+        r, rewards = gather_kept_groups(pool, cfg.batch_prompts, cfg.group_size, d)
+        mask = r.completion_mask * ~r.truncated[:, None] if cfg.overlong_filter else r.completion_mask  # (B, T)
 
-        # 4. group-relative advantages (of the kept groups)  # [DAPO] steps 1-3 are above
+        # 4. group-relative advantages of the kept groups  # [DAPO] steps 1-3 are above
         advantages = group_advantages(rewards, cfg.group_size)                    # (B,)
 
-        # 5. old log-probs, fixed for all mini-batches of this step  # [DAPO] no reference log-probs
+        # 5. old and reference log-probs, fixed for all mini-batches of this step
         old_logp, entropy = common.batched_logprobs(raw, r, cfg.micro_batch_size, cfg.temperature)
-        # [DAPO] (grpo.py computes the reference log-probs here)
+        ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
         t_rollout = time.time() - t0
 
         # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
-        raw.train()
-        # [DAPO] `sums` already holds the sampling metrics
         perm = torch.randperm(B).to(d.device)
         for mb in perm.chunk(cfg.num_minibatches):
-            # [DAPO] token-level loss (eq. 12): divide by Σ|o_i| of this mini-batch over all ranks. DDP
-            # averages gradients over ranks, so each rank scales its share by world_size: then the step
-            # equals one process on the whole mini-batch, whatever each rank's token count.
-            num_tokens = common.all_reduce_sum(mask[mb].sum().float(), d).clamp_min(1)
+            num_tokens = common.all_reduce_sum(mask[mb].sum().float(), d).clamp_min(1)  # [DAPO] Σ|o_i|, all ranks
             micro = mb.split(cfg.micro_batch_size)
             for k, ix in enumerate(micro):
                 # only the last micro-batch all-reduces gradients across ranks
@@ -382,9 +277,10 @@ def main():
                 with sync, common.autocast(d.device):
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
-                    loss, stats = policy_loss(logp.float(), old_logp[ix], advantages[ix], mask[ix],  # [DAPO]
-                                              cfg.clip_eps_low, cfg.clip_eps_high, num_tokens)
-                    (loss * d.world_size).backward()  # [DAPO] micro losses sum to the mini-batch loss
+                    loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
+                                              advantages[ix], mask[ix], cfg.clip_eps_low, cfg.clip_eps_high,
+                                              cfg.beta, num_tokens)  # [DAPO]
+                    (loss * d.world_size).backward()  # [DAPO] DDP averages over ranks; the loss is a sum over them
                 for key, (s, n) in stats.items():
                     common.accumulate(sums, key, s, n)
                 common.accumulate(sums, "loss", loss.item() * num_tokens.item(), mask[ix].sum())  # [DAPO] per token
@@ -394,15 +290,12 @@ def main():
             common.accumulate(sums, "grad_norm", grad_norm, 1)
 
         # 7. metrics, averaged over ranks
-        # [DAPO] reward, accuracy, lengths and zero-std groups were accumulated per sampling round
-        for key, s, n in [("entropy", (entropy * mask).sum(), mask.sum()), ("sampling_rounds", rounds, 1),
-                          ("prompts_sampled", n_sampled, 1)]:
-            common.accumulate(sums, key, s, n)
+        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
+        common.accumulate(sums, "sampling_rounds", rnd + 1, 1)  # [DAPO] and the prompts they took
+        common.accumulate(sums, "prompts_sampled", n_sampled, 1)
         metrics = common.reduce_metrics(sums, d)
         metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
-        pbar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                         len=f"{metrics['response_length']:.0f}", clip=f"{metrics['clip_frac']:.3f}",
-                         rounds=rounds)  # [DAPO] dynamic-sampling rounds this step
+        pbar.set_postfix(common.progress(metrics))
 
         # 8. periodic held-out eval and checkpoint
         done = step + 1
@@ -421,4 +314,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

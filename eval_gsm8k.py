@@ -3,7 +3,7 @@ eval_gsm8k.py: one GSM8K evaluator for before and after training, with every vie
 
 The same Qwen2.5-1.5B-Instruct scores anywhere from a few percent to over 70% on GSM8K depending
 only on the prompt and on how the answer is parsed, so this script fixes both to what training uses
-(common.build_prompt, common.extract_answer, common.correctness_reward, ...) and reports all views:
+(gsm8k.build_prompt, gsm8k.extract_answer, gsm8k.correctness_reward, ...) and reports all views:
 
     strict   the number after the completion's last '####' equals the reference (the trained format)
     lenient  the last number anywhere in the completion equals the reference
@@ -14,7 +14,7 @@ only on the prompt and on how the answer is parsed, so this script fixes both to
              occurs first; maj_lenient votes over the last numbers
 
 each with the number of problems and a 95% Wilson score interval that treats the problems as the
-trials. The trainers' periodic held-out eval calls the same function, common.evaluate.
+trials. The trainers' periodic held-out eval calls the same function, evaluation.evaluate.
 
 Launch:
     python eval_gsm8k.py                                   # Qwen2.5-1.5B-Instruct, GSM8K test (1,319), greedy
@@ -26,7 +26,7 @@ Launch:
 
 Writes <out_dir>/predictions.jsonl (one line per problem, in problem order: question, completions,
 extracted answers, correctness) and <out_dir>/summary.json (metrics, intervals, protocol, config).
-Greedy results are identical on any number of ranks: see common.evaluate.
+Greedy results are identical on any number of ranks: see evaluation.evaluate.
 """
 import json
 import os
@@ -34,13 +34,16 @@ import time
 from dataclasses import asdict, dataclass
 
 import common
+import evaluation
+import gsm8k
+import tiny
 
 
 @dataclass
 class Config:
     tiny: bool = False  # the tiny model and the tiny task's test split (CPU); --model and --data_path still win
-    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local model dir, checkpoint dir, or run dir (its `latest`)
-    data_path: str = ""  # local GSM8K: jsonl file or dir with <split>.jsonl ("" = hub openai/gsm8k, or the tiny task)
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, model dir, checkpoint dir, run dir (its `latest`), or "tiny"
+    data_path: str = ""  # GSM8K: a jsonl file, a dir with <split>.jsonl, "tiny", or "" (the hub, openai/gsm8k)
     split: str = "test"  # dataset split (GSM8K test: 1,319 problems)
     limit: int = -1  # evaluate only the first `limit` problems (-1 = all)
     # not `--n`: torchrun's argument parser would take --n=... for an abbreviation of its --nnodes
@@ -50,20 +53,20 @@ class Config:
     top_p: float = 1.0  # nucleus sampling cut when temperature > 0 (1.0 = off)
     max_new_tokens: int = 512  # completion length cap (the trainers' periodic eval uses their own: 300)
     batch_size: int = 64  # completions per generate call (a batch holds batch_size // n problems)
-    system_prompt: str = common.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); as in training
+    system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); as in training
     seed: int = 0  # sampling seed (batch j uses seed + j, so samples do not depend on the number of ranks)
-    fast_rollout: bool = False  # generate with common.fast_generate (static KV cache) instead of HF generate
+    fast_rollout: bool = False  # generate with the static-KV-cache decoder (decoder.py) instead of HF generate
     out_dir: str = "runs/eval"  # predictions.jsonl and summary.json go here
 
 
 # --tiny: the tiny model (unless --model is given) with the settings the tiny trainers use
-TINY = dict(model="", max_new_tokens=32, system_prompt="", out_dir="runs/eval-tiny")
+TINY = dict(model="tiny", data_path="tiny", max_new_tokens=32, system_prompt="", out_dir="runs/eval-tiny")
 
 
 def check_config(cfg):
     """Raise on settings that would evaluate nothing or make no sense, before anything is loaded."""
-    if not cfg.model and not cfg.tiny:
-        raise ValueError("--model is empty: give a hub name or a local model, checkpoint or run dir")
+    if not cfg.model:
+        raise ValueError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
     if cfg.limit == 0 or cfg.limit < -1:
         raise ValueError(f"--limit={cfg.limit} evaluates no problems: give a positive number, or -1 for all")
     if cfg.num_samples < 1:
@@ -80,7 +83,7 @@ def check_config(cfg):
 def parse_ks(text, n):
     """'1,4,16' -> [1, 4, 16] (each in 1..n); '' -> the default ks for n samples (None when n = 1)."""
     if not text:
-        return common.default_ks(n) if n > 1 else None
+        return evaluation.default_ks(n) if n > 1 else None
     try:
         ks = sorted({int(k) for k in text.split(",")})
     except ValueError:
@@ -91,11 +94,8 @@ def parse_ks(text, n):
 
 
 def load_eval_problems(cfg):
-    """The problems: local jsonl if --data_path, else the tiny task (--tiny) or the hub; the first `limit`."""
-    if cfg.data_path or not cfg.tiny:
-        problems = common.load_gsm8k(cfg.split, cfg.data_path)
-    else:
-        problems = common.tiny_dataset(cfg.split)
+    """The problems: the tiny task, local jsonl or the hub (--data_path), the first `limit` of them."""
+    problems = tiny.dataset(cfg.split) if cfg.data_path == "tiny" else gsm8k.load_gsm8k(cfg.split, cfg.data_path)
     return problems if cfg.limit == -1 else problems[:cfg.limit]
 
 
@@ -125,17 +125,14 @@ def main(argv=None):
     check_config(cfg)
     d = common.setup_distributed()
     log = print if d.master_process else (lambda *a, **k: None)
-    if cfg.tiny and not cfg.model:
-        model_path = common.ensure_tiny_model(d, log=log)
-    else:
-        model_path = common.resolve_model_path(cfg.model)
+    model_path = common.model_path(cfg.model, d)
     problems = load_eval_problems(cfg)
-    source = cfg.data_path or ("tiny task" if cfg.tiny else common.GSM8K_HUB)
+    source = {"tiny": "tiny task", "": gsm8k.GSM8K_HUB}.get(cfg.data_path, cfg.data_path)
     tok = common.load_tokenizer(model_path)
     model = common.load_model(model_path, d.device)
 
     t0 = time.time()
-    metrics, records = common.evaluate(model, tok, problems, d, cfg.max_new_tokens, cfg.batch_size,
+    metrics, records = evaluation.evaluate(model, tok, problems, d, cfg.max_new_tokens, cfg.batch_size,
                                        cfg.system_prompt, n=cfg.num_samples, temperature=cfg.temperature,
                                        top_p=cfg.top_p, ks=parse_ks(cfg.ks, cfg.num_samples), seed=cfg.seed,
                                        progress=True, return_predictions=True, fast=cfg.fast_rollout)
@@ -152,7 +149,7 @@ def main(argv=None):
                    "samples_per_problem": cfg.num_samples,
                    "decoding": "greedy" if cfg.temperature <= 0 else "sampling",
                    "interval": "95% Wilson score interval, problems as trials", "metrics": metrics,
-                   "example_prompt": common.build_prompt(tok, problems[0]["question"], cfg.system_prompt),
+                   "example_prompt": gsm8k.build_prompt(tok, problems[0]["question"], cfg.system_prompt),
                    "config": asdict(cfg), "world_size": d.world_size, "eval_seconds": round(seconds, 1)}
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
@@ -164,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

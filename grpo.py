@@ -1,29 +1,29 @@
 """
-GRPO: Group Relative Policy Optimization, as DeepSeekMath defines it (Shao et al., arXiv 2402.03300).
+GRPO: Group Relative Policy Optimization (Shao et al., DeepSeekMath, arXiv 2402.03300).
 
-For each prompt, sample a group of G completions, score them, and use the group's own statistics
-as the baseline (no critic):  Â_i = (R_i - mean(R)) / std(R)  for every token of completion i.
-The policy maximises the PPO-clipped token-level surrogate minus a k3 KL penalty to a frozen
-reference model, averaged over each completion's tokens and then over completions:
+Sample G completions per prompt, score them, and use the group's own mean and std as the baseline
+instead of a learned critic. The policy maximises PPO's clipped token-level surrogate minus a k3 KL
+penalty to a frozen reference, averaged over each completion's tokens and then over completions:
 
-    J = 1/G Σ_i 1/|o_i| Σ_t { min(ρ_it Â_i, clip(ρ_it, 1-ε, 1+ε) Â_i) - β KL_it }       (eq. 3)
-    ρ_it = π_θ(o_it) / π_old(o_it),   KL_it = π_ref/π_θ - log(π_ref/π_θ) - 1            (eq. 4)
+    J = 1/G Σ_i 1/|o_i| Σ_t { min(ρ_it Â_i, clip(ρ_it, 1-ε, 1+ε) Â_i) - β KL_it }        (eq. 3)
+    Â_i = (R_i - mean(R)) / std(R),   ρ_it = π_θ(o_it) / π_old(o_it)
+    KL_it = π_ref/π_θ - log(π_ref/π_θ) - 1                                                (eq. 4)
+
+What changes versus PPO (this file is the skeleton every other trainer changes), numbered:
+ 1. No value model: the group-normalised reward Â_i replaces GAE advantages (group_advantages).
+ 2. The KL to the reference sits in the loss, per token (k3), not in the reward.
 
 Launch:
-    python grpo.py --tiny                          # embedded default: CPU, no downloads, ~2 min
-    torchrun --nproc_per_node=2 grpo.py            # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
-    torchrun --nproc_per_node=2 grpo.py --tiny     # the tiny default under DDP (gloo on CPU)
-    python grpo.py --help                          # every knob with its default
+    python grpo.py --tiny                    # the embedded tiny default: CPU, no downloads, about a minute
+    torchrun --nproc_per_node=2 grpo.py      # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
 
 Departures from the paper, numbered:
- 1. Several mini-batch optimizer steps per rollout batch (num_minibatches=4). DeepSeekMath takes one
-    (μ=1), where ρ ≡ 1 and the clip never acts; with several, later mini-batches are off-policy and
-    the ratio and the clip do their job.
+ 1. Several optimizer steps per rollout batch (num_minibatches=4); the paper takes one, where ρ ≡ 1.
  2. G=8 and 32 prompts per step (256 completions) instead of G=64 and 1024, to fit 2 GPUs.
- 3. Outcome rewards are rule-based (GSM8K answer match plus a small format term), not a reward model.
-Expected result on the tiny default: held-out greedy accuracy rises by 15+ points (see README).
+ 3. Rule-based outcome rewards (GSM8K answer match plus a small format term), not a reward model.
+
+Details: docs/grpo.md
 """
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,50 +33,54 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
+import evaluation
+import gsm8k
 
 
 @dataclass
 class Config:
     # run
     tiny: bool = False  # the embedded default: tiny Qwen2 model + synthetic GSM8K-style task (CPU, no downloads)
-    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name or local dir of the initial policy (and reference)
-    data_path: str = ""  # local GSM8K: a jsonl file or a dir with train.jsonl/test.jsonl ("" = hub openai/gsm8k)
-    run_dir: str = "runs/grpo"  # metrics.jsonl, config.json and checkpoints go here
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # initial policy (and reference): hub name, local dir, or "tiny"
+    data_path: str = ""  # GSM8K: a dir with train.jsonl/test.jsonl, a train jsonl file, "tiny", or "" (the hub)
+    test_path: str = ""  # held-out jsonl ("" = test.jsonl beside data_path; required when data_path is a file)
+    run_dir: str = ""  # metrics.jsonl, config.json and checkpoints ("" = runs/<trainer>, runs/<trainer>-tiny)
     resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
+    overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
     seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling (rank r uses seed + r)
     # rollout
-    num_steps: int = 200  # rollout batches; each is followed by num_minibatches optimizer steps
-    batch_prompts: int = 32  # prompts per rollout batch, over all ranks (divisible by world size)
-    group_size: int = 8  # G: completions sampled per prompt
-    max_new_tokens: int = 300  # completion length cap; a completion without EOS by then is truncated
-    temperature: float = 1.0  # sampling temperature; log-probs are computed under the same temperature
-    top_p: float = 1.0  # nucleus sampling (1.0 = off, so π_old is exactly the sampling distribution)
-    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decode loop (+ CUDA graphs); same sampling as HF generate
-    system_prompt: str = common.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
-    format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1)
+    num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
+    batch_prompts: int = 32  # prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
+    group_size: int = 8  # G: completions sampled per prompt, in [2, inf)
+    max_new_tokens: int = 300  # completion length cap, in [1, inf); a completion without EOS by then is truncated
+    temperature: float = 1.0  # sampling temperature, in (0, inf); log-probs are computed under the same one
+    top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
+    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
+    system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
+    format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf)
     # optimisation
-    lr: float = 1e-6  # AdamW learning rate (DeepSeekMath: 1e-6)
-    warmup_steps: int = 10  # linear learning-rate warm-up, in rollout steps
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping
-    num_minibatches: int = 4  # optimizer steps per rollout batch (mini-batches of the rollout)
-    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a mini-batch)
+    lr: float = 1e-6  # AdamW learning rate, in (0, inf) (DeepSeekMath: 1e-6)
+    warmup_steps: int = 10  # linear learning-rate warm-up in rollout steps, in [0, inf)
+    weight_decay: float = 0.0  # AdamW weight decay, in [0, inf)
+    max_grad_norm: float = 1.0  # gradient clipping, in (0, inf)
+    num_minibatches: int = 4  # optimizer steps per rollout batch (mini-batches of the rollout), in [1, inf)
+    micro_batch_size: int = 8  # sequences per forward/backward (accumulated within a mini-batch), in [1, inf)
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
-    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation
+    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
     # algorithm
-    clip_eps: float = 0.2  # ε: PPO clip range for the token ratio
-    beta: float = 0.04  # β: k3 KL coefficient (0 = no KL and no reference model)
+    clip_eps: float = 0.2  # ε: PPO clip range for the token ratio, in (0, 1)
+    beta: float = 0.04  # β: k3 KL coefficient, in [0, inf) (0 = no KL and no reference model)
     # evaluation and logging
-    eval_every: int = 25  # held-out greedy evaluation every this many steps (0 = only before and after)
-    eval_problems: int = 250  # held-out test problems per evaluation
-    save_every: int = 50  # checkpoint every this many steps (and at the end)
+    eval_every: int = 25  # held-out greedy evaluation every this many steps, in [0, inf) (0 = before and after)
+    eval_problems: int = 250  # held-out test problems per evaluation, in [1, inf)
+    save_every: int = 50  # checkpoint every this many steps (and at the end), in [1, inf)
     wandb_project: str = ""  # log to this wandb project too (needs `pip install wandb`)
 
 
-# --tiny sets these (explicit --key=value flags still win): a run of a few minutes on 2 CPU cores.
-TINY = dict(num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32, system_prompt="",
-            lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64, gradient_checkpointing=False,
-            eval_every=20, eval_problems=200, save_every=20, run_dir="runs/grpo-tiny")
+# --tiny sets these (explicit --key=value flags still win): a run of about a minute on 2 CPU cores.
+TINY = dict(model="tiny", data_path="tiny", num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32,
+            system_prompt="", lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64,
+            gradient_checkpointing=False, eval_every=20, eval_problems=200, save_every=20)
 
 
 # -----------------------------------------------------------------------------
@@ -98,26 +102,29 @@ def group_advantages(rewards, group_size):
     return adv.view(-1)
 
 
+def kl_k3(logp, ref_logp):
+    """The k3 estimate of KL(π_θ || π_ref) per token (eq. 4): π_ref/π_θ - log(π_ref/π_θ) - 1 >= 0."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
+
+
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta):
-    """-J_GRPO for a batch of sequences: per-sequence token mean, then mean over sequences.
+    """-J_GRPO (eq. 3) for a batch of sequences: per-sequence token mean, then mean over sequences.
 
     logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp is unused when beta == 0.
     """
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)                                        # ρ (B, T)
     A = advantages[:, None]
-    surrogate = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
-    per_token = surrogate
-    if beta > 0:
-        log_r = ref_logp - logp
-        kl = torch.exp(log_r) - log_r - 1                                     # k3 estimator, ≥ 0
-        per_token = per_token - beta * kl
+    per_token = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+    kl = kl_k3(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)       # (B, T)
+    per_token = per_token - beta * kl
     per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)            # (B,)
     loss = -per_seq.mean()
     with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
         clipped = ((A > 0) & (ratio > 1 + clip_eps)) | ((A < 0) & (ratio < 1 - clip_eps))
         stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
-                 "kl": (((kl if beta > 0 else torch.zeros_like(ratio)) * mask).sum(), mask.sum()),
+                 "kl": ((kl * mask).sum(), mask.sum()),
                  "ratio": ((ratio * mask).sum(), mask.sum())}
     return loss, stats
 
@@ -129,69 +136,51 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta):
 def main():
     cfg = common.parse_config(Config, tiny=TINY)
     d = common.setup_distributed()
-    if cfg.batch_prompts % d.world_size:
-        raise ValueError(f"batch_prompts={cfg.batch_prompts} must be divisible by the world size {d.world_size}")
-    B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
-    if B % cfg.num_minibatches:
-        raise ValueError(f"{B} completions per rank do not split into num_minibatches={cfg.num_minibatches}")
+    B = common.completions_per_rank(cfg, d)  # this rank's prompts x G
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
-    if cfg.tiny:
-        cfg.model = common.ensure_tiny_model(d, log=log)
 
-    # model, reference model, tokenizer, optimizer
-    tok = common.load_tokenizer(cfg.model)
-    ckpt = common.resolve_checkpoint(cfg.resume) if cfg.resume else ""
-    master_dtype = torch.float32  # fp32 master weights: lr=1e-6 updates survive (bf16 would round them away)
-    policy = common.Policy(common.load_model(ckpt or cfg.model, d.device, master_dtype),
-                           cfg.logprob_chunk, cfg.gradient_checkpointing).train()
-    raw = policy  # the unwrapped module: generation and saving use raw.lm
-    if d.ddp:
-        policy = DDP(policy, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    ref = None
-    if cfg.beta > 0:  # frozen reference model for the KL term (bf16 on GPU: it is never updated)
-        ref_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-        ref = common.Policy(common.load_model(cfg.model, d.device, ref_dtype), cfg.logprob_chunk).eval()
-        ref.requires_grad_(False)
+    # policy (fp32 master weights), reference model, tokenizer, optimizer
+    path = common.model_path(cfg.model, d)
+    ckpt = common.find_checkpoint(cfg.resume) if cfg.resume else ""
+    tok = common.load_tokenizer(path)
+    raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
+    raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
+    policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
+    ref = common.reference_model(path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    start_step = common.load_trainer_state(ckpt, optimizer, d) if ckpt else 0
+    start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
 
-    # data and rewards
+    # data, rewards, logging
     train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
-    reward_fns = [(1.0, common.correctness_reward), (cfg.format_weight, common.format_reward)]
+    reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
     logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
     def evaluate():
-        return common.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
-                               fast=cfg.fast_rollout)
+        return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
+                                   fast=cfg.fast_rollout)
 
     if start_step == 0:
         ev = evaluate()
         log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
         logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
 
-    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc="grpo")
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
     for step in pbar:
-        t0 = time.time()
+        t0, sums = time.time(), {}
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
         for g in optimizer.param_groups:
             g["lr"] = lr
 
         # 1. prompts: this rank's share of the step's global prompt batch
         idx = common.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
-        problems = [train[i] for i in idx]
-        prompts = [common.build_prompt(tok, p["question"], cfg.system_prompt) for p in problems]
-        prompt_ids, prompt_mask = common.tokenize_prompts(tok, prompts, d.device)
 
         # 2. rollout: G completions per prompt from π_old (the current policy)
-        raw.eval()
-        r = common.generate(raw.lm, tok, prompt_ids, prompt_mask, cfg.group_size, cfg.max_new_tokens,
-                            cfg.temperature, cfg.top_p, fast=cfg.fast_rollout)
-        answers = [p["answer"] for p in problems for _ in range(cfg.group_size)]
+        r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
         mask = r.completion_mask                                                  # (B, T)
 
         # 3. rewards and 4. group-relative advantages
-        rewards = common.compute_rewards(r.texts, answers, reward_fns).to(d.device)  # (B,)
+        rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
         advantages = group_advantages(rewards, cfg.group_size)                    # (B,)
 
         # 5. old and reference log-probs, fixed for all mini-batches of this step
@@ -200,8 +189,6 @@ def main():
         t_rollout = time.time() - t0
 
         # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
-        raw.train()
-        sums = {}
         perm = torch.randperm(B).to(d.device)
         for mb in perm.chunk(cfg.num_minibatches):
             micro = mb.split(cfg.micro_batch_size)
@@ -223,17 +210,11 @@ def main():
             common.accumulate(sums, "grad_norm", grad_norm, 1)
 
         # 7. metrics, averaged over ranks
-        correct = torch.tensor([common.correctness_reward(t, a) for t, a in zip(r.texts, answers)])
-        zero_std = rewards.view(-1, cfg.group_size).std(1) < 1e-6
-        lengths = r.lengths.float()
-        for key, s, n in [("reward", rewards.sum(), B), ("accuracy", correct.sum(), B),
-                          ("response_length", lengths.sum(), B), ("truncated", r.truncated.sum(), B),
-                          ("entropy", (entropy * mask).sum(), mask.sum()), ("zero_std_groups", zero_std.sum(), len(zero_std))]:
-            common.accumulate(sums, key, s, n)
+        common.rollout_metrics(sums, r, rewards, cfg.group_size)
+        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
         metrics = common.reduce_metrics(sums, d)
         metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
-        pbar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                         len=f"{metrics['response_length']:.0f}", clip=f"{metrics['clip_frac']:.3f}")
+        pbar.set_postfix(common.progress(metrics))
 
         # 8. periodic held-out eval and checkpoint
         done = step + 1
@@ -252,4 +233,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

@@ -1,69 +1,34 @@
 """
-GTPO: Group-relative Trajectory-based Policy Optimization (Simoni, Fontana, Rossolini, Saracino [+ Mori in
-v5], arXiv 2508.03772; v1 title "GTPO: Trajectory-Based Policy Optimization in Large Language Models", v5
-"GTPO: Stabilizing Group Relative Policy Optimization via Gradient and Entropy Control"; official code
-github.com/winstonsmith1897/GTPO). Not arXiv 2508.04349 (Tan et al., "Group Token Policy Optimization",
-entropy-weighted token rewards) and not arXiv 2511.14846 (Ding et al., "Group Turn Policy Optimization",
-multi-turn tool use): three different papers share the acronym.
+GTPO: Group-relative Trajectory-based Policy Optimization (Simoni et al., arXiv 2508.03772).
 
-GTPO is GRPO with two fixes. Tokens that sit at the same position in a rewarded and a penalised completion
-of one group ("conflict tokens", e.g. the shared format prefix and the closing tokens) get contradictory
-updates under GRPO; GTPO skips their negative update and amplifies the positive one. High-entropy
-completions push the policy toward collapse; GTPO drops them and shapes the rest by their entropy:
+Tokens at the same position in a rewarded and a penalised completion of one group (conflict tokens:
+the shared prefix and suffix) get contradictory GRPO updates; GTPO skips their negative update and
+amplifies the positive one. High-entropy completions drive collapse; GTPO drops them and shapes the
+rest by their mean entropy ⟨H⟩_i:
 
-    J = 1/G Σ_i δ_i (A_i - γ⟨H⟩_i) 1/|o_i| Σ_t r_it λ_it            (authors' README / arXiv v5 objective)
-    λ_it = f_it b_it,  f_it (b_it) = W if t is in the shared-prefix (suffix) conflict run and A_i > 0,
-                                     0 if it is and A_i < 0, 1 otherwise                   (W = 2)
-    δ_i = 0 if ⟨H⟩_ini < ln 2 and ⟨H⟩_i > ln 2, else 1                       (⟨H⟩: mean token entropy)
+    J = 1/G Σ_i δ_i (A_i - γ⟨H⟩_i) 1/|o_i| Σ_t r_it λ_it                    (authors' README, arXiv v5)
+    λ_it = W (A_i > 0) or 0 (A_i < 0) on the shared prefix and suffix runs, else 1          (W = 2)
+    δ_i = 0 if ⟨H⟩_ini < ln 2 and ⟨H⟩_i > ln 2, else 1           (⟨H⟩_ini: the initial model's ⟨H⟩)
 
-What changes versus grpo.py, numbered (every changed line is marked [GTPO]):
- 1. Conflict weights λ (conflict_weights): a token is a conflict token when the same token id occurs at the
-    same position in a positive- and a negative-advantage completion of its group, counted only along the
-    contiguous run from the first token (shared prefix) and, aligned at each completion's last real token,
-    the shared suffix, as the official code and the authors (TRL issue #5226) define it. λ multiplies each
-    token's surrogate: 0 in negative completions, W (2.0, 4.0 in both runs) in positive ones, 1 elsewhere.
- 2. Entropy filter and shaping (entropy_threshold, shaped_advantages): a completion whose mean token
-    entropy ⟨H⟩_i (of the current policy, from common.batched_logprobs) exceeds the threshold gets A = 0;
-    the kept ones get A - γ⟨H⟩_i (γ = 0.1). Threshold: the paper's ln 2 rule (filter only if the initial
-    model's ⟨H⟩_ini, measured on the first rollout batch, is below ln 2); "always" (the official code, with
-    --ent_threshold=0.7); or a percentile of the ⟨H⟩_i seen so far (the 95th is the value popular
-    write-ups recommend).
- 3. No KL and no reference model: beta defaults to 0 (kept only as an ablation knob).
- 4. Aggregation is the paper's: per-sequence token mean, then mean over completions. The official code
-    instead divides each completion's loss by its conflict-token count and sums over completions (see
-    policy_loss); we follow the paper.
- 5. Advantages are GRPO's group-normalised (R - mean)/std, as the objective's group-relative A_i; the
-    official code drops the std (A = R - mean): --scale_adv=false reproduces it.
- 6. Logs: conflict_frac (conflict tokens / tokens), filtered_frac (filtered completions), entropy_seq
-    (mean ⟨H⟩_i), ent_initial (⟨H⟩_ini) and the threshold in use.
-
-Not GTPO: a popular write-up describes a token "importance" = 0.4·attention + 0.4·gradient norm + 0.2·token
-rarity with a relu on gradients. None of that is in the paper, its README or its code; the only per-token
-weight is the constant λ above (docs/gtpo.md maps that description onto the real method).
-
-Departures from the paper, numbered:
- 1. Several mini-batch optimizer steps per rollout batch (num_minibatches=4, as grpo.py). The paper and its
-    code take one on-policy step (r ≡ 1, no clip); later mini-batches are off-policy, so grpo.py's PPO clip
-    on r is kept. Since λ ≥ 0, λ·min(rA, clip(r)A) = min(rλA, clip(r)λA); at r = 1 this is exactly the
-    objective above (--num_minibatches=1 gives the paper's single step).
- 2. G=8 and 32 prompts per step instead of the paper's G=8/12 with one prompt per device step and LoRA on
-    Llama-3.1-8B / Qwen2.5-3B; lr 1e-6 is kept (the official Adam betas 0.999999 are not).
- 3. Outcome rewards are rule-based (GSM8K answer match plus a small format term), as in grpo.py.
+What changes versus GRPO, numbered:
+ 1. Conflict weights λ scale each token's advantage (conflict_weights, after the official code).
+ 2. The entropy filter δ and shaping A - γ⟨H⟩_i, γ = 0.1 (shaped_advantages); --ent_rule picks the
+    paper's rule, the official code's (always 0.7), a percentile of past ⟨H⟩_i, or none.
+ 3. No KL term (β = 0), so no reference model.
 
 Launch:
-    python gtpo.py --tiny                          # embedded default: CPU, no downloads, ~2 min
-    torchrun --nproc_per_node=2 gtpo.py            # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
-    torchrun --nproc_per_node=2 gtpo.py --tiny     # the tiny default under DDP (gloo on CPU)
-    python gtpo.py --tiny --ent_rule=percentile    # threshold = 95th percentile of the entropies seen so far
-    python gtpo.py --help                          # every knob with its default
-The paper's equation numbers could not be checked (its body was not reachable); the objective above is the
-one in the authors' README. Defaults scaled down: only those of grpo.py (departure 2); no --tiny tuning.
-Expected result on the tiny default (seed 0): held-out greedy accuracy 0.285 -> 0.640 after 40 steps, with
-about half of all tokens conflict tokens and no completion filtered (⟨H⟩_ini = 0.11 < ln 2, but every
-⟨H⟩_i stays below ln 2). See docs/gtpo.md.
+    python gtpo.py --tiny                    # the embedded tiny default: CPU, no downloads, about a minute
+    torchrun --nproc_per_node=2 gtpo.py      # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
+
+Departures from the paper, numbered:
+ 1. Several optimizer steps per rollout batch, so grpo.py's clip on r is kept (the paper takes one).
+ 2. Per-sequence token mean and mean over completions, as the objective; the code divides by the
+    conflict count and sums. A = (R - mean)/std; --scale_adv=false gives the code's R - mean.
+ 3. Rule-based outcome rewards (GSM8K answer match plus a small format term), not a reward model.
+
+Details: docs/gtpo.md
 """
-import math  # [GTPO] ln 2, inf
-import os
+import math  # [GTPO] inf: no entropy filter
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -73,64 +38,68 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
+import evaluation
+import gsm8k
 
 
 @dataclass
 class Config:
     # run
     tiny: bool = False  # the embedded default: tiny Qwen2 model + synthetic GSM8K-style task (CPU, no downloads)
-    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name or local dir of the initial policy (and reference)
-    data_path: str = ""  # local GSM8K: a jsonl file or a dir with train.jsonl/test.jsonl ("" = hub openai/gsm8k)
-    run_dir: str = "runs/gtpo"  # [GTPO] metrics.jsonl, config.json and checkpoints go here
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # initial policy (and reference): hub name, local dir, or "tiny"
+    data_path: str = ""  # GSM8K: a dir with train.jsonl/test.jsonl, a train jsonl file, "tiny", or "" (the hub)
+    test_path: str = ""  # held-out jsonl ("" = test.jsonl beside data_path; required when data_path is a file)
+    run_dir: str = ""  # metrics.jsonl, config.json and checkpoints ("" = runs/<trainer>, runs/<trainer>-tiny)
     resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
+    overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
     seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling (rank r uses seed + r)
     # rollout
-    num_steps: int = 200  # rollout batches; each is followed by num_minibatches optimizer steps
-    batch_prompts: int = 32  # prompts per rollout batch, over all ranks (divisible by world size)
-    group_size: int = 8  # G: completions sampled per prompt
-    max_new_tokens: int = 300  # completion length cap; a completion without EOS by then is truncated
-    temperature: float = 1.0  # sampling temperature; log-probs are computed under the same temperature
-    top_p: float = 1.0  # nucleus sampling (1.0 = off, so π_old is exactly the sampling distribution)
-    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decode loop (+ CUDA graphs); same sampling as HF generate
-    system_prompt: str = common.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
-    format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1)
+    num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
+    batch_prompts: int = 32  # prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
+    group_size: int = 8  # G: completions sampled per prompt, in [2, inf)
+    max_new_tokens: int = 300  # completion length cap, in [1, inf); a completion without EOS by then is truncated
+    temperature: float = 1.0  # sampling temperature, in (0, inf); log-probs are computed under the same one
+    top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
+    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
+    system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
+    format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf)
     # optimisation
-    lr: float = 1e-6  # AdamW learning rate (DeepSeekMath: 1e-6)
-    warmup_steps: int = 10  # linear learning-rate warm-up, in rollout steps
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping
-    num_minibatches: int = 4  # optimizer steps per rollout batch (mini-batches of the rollout)
-    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a mini-batch)
+    lr: float = 1e-6  # AdamW learning rate, in (0, inf) (DeepSeekMath: 1e-6)
+    warmup_steps: int = 10  # linear learning-rate warm-up in rollout steps, in [0, inf)
+    weight_decay: float = 0.0  # AdamW weight decay, in [0, inf)
+    max_grad_norm: float = 1.0  # gradient clipping, in (0, inf)
+    num_minibatches: int = 4  # optimizer steps per rollout batch (mini-batches of the rollout), in [1, inf)
+    micro_batch_size: int = 8  # sequences per forward/backward (accumulated within a mini-batch), in [1, inf)
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
-    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation
+    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
     # algorithm
-    clip_eps: float = 0.2  # ε: PPO clip range for the token ratio
-    beta: float = 0.0  # [GTPO] β: k3 KL coefficient; GTPO has no KL and no reference model (ablation knob only)
-    conflict_weight: float = 2.0  # [GTPO] W: λ of a conflict token in a positive completion (official W_RAW)
-    ent_gamma: float = 0.1  # [GTPO] γ: kept completions get A - γ⟨H⟩_i (official ENT_SCALE)
-    ent_rule: str = "paper"  # [GTPO] entropy filter: paper (only if ⟨H⟩_ini < threshold) | always | percentile | off
-    ent_threshold: float = 0.6931471805599453  # [GTPO] ⟨H⟩_i cut-off for paper/always: ln 2 (official code: 0.7)
-    ent_percentile: float = 95.0  # [GTPO] percentile rule: cut-off = this percentile of all ⟨H⟩_i so far (not kept over a resume)
-    ent_initial: float = -1.0  # [GTPO] ⟨H⟩_ini for the paper rule (< 0 = measure on the first rollout batch)
-    scale_adv: bool = True  # [GTPO] A = (R - mean)/std as in GRPO; false = the official code's A = R - mean
+    clip_eps: float = 0.2  # ε: PPO clip range for the token ratio, in (0, 1)
+    beta: float = 0.0  # [GTPO] β: k3 KL coefficient, in [0, inf); 0 as in the paper (no KL, no reference model)
+    conflict_weight: float = 2.0  # [GTPO] W: λ of a conflict token in a positive completion, in [0, inf) (W_RAW)
+    ent_gamma: float = 0.1  # [GTPO] γ: kept completions get A - γ⟨H⟩_i, in [0, inf) (official ENT_SCALE)
+    ent_rule: str = "paper"  # [GTPO] entropy filter, in {paper, always, percentile, off}
+    ent_threshold: float = 0.6931471805599453  # [GTPO] ⟨H⟩_i cut-off of the paper/always rules (ln 2), in (0, inf)
+    ent_percentile: float = 95.0  # [GTPO] percentile rule: this percentile of every ⟨H⟩_i so far, in [0, 100]
+    ent_initial: float = -1.0  # [GTPO] ⟨H⟩_ini for the paper rule (< 0: measured on the first rollout batch)
+    scale_adv: bool = True  # [GTPO] A = (R - mean)/std as GRPO; false = the official code's A = R - mean
     # evaluation and logging
-    eval_every: int = 25  # held-out greedy evaluation every this many steps (0 = only before and after)
-    eval_problems: int = 250  # held-out test problems per evaluation
-    save_every: int = 50  # checkpoint every this many steps (and at the end)
+    eval_every: int = 25  # held-out greedy evaluation every this many steps, in [0, inf) (0 = before and after)
+    eval_problems: int = 250  # held-out test problems per evaluation, in [1, inf)
+    save_every: int = 50  # checkpoint every this many steps (and at the end), in [1, inf)
     wandb_project: str = ""  # log to this wandb project too (needs `pip install wandb`)
 
 
-# --tiny sets these (explicit --key=value flags still win): a run of a few minutes on 2 CPU cores.
-TINY = dict(num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32, system_prompt="",
-            lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64, gradient_checkpointing=False,
-            eval_every=20, eval_problems=200, save_every=20, run_dir="runs/gtpo-tiny")  # [GTPO] run dir
+# --tiny sets these (explicit --key=value flags still win): a run of about a minute on 2 CPU cores.
+TINY = dict(model="tiny", data_path="tiny", num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32,
+            system_prompt="", lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64,
+            gradient_checkpointing=False, eval_every=20, eval_problems=200, save_every=20)
 
 
 # -----------------------------------------------------------------------------
 # the algorithm: pure functions that tests import without starting a run
 
 
-def group_advantages(rewards, group_size, scale=True):  # [GTPO] scale=False: official code's A = R - mean
+def group_advantages(rewards, group_size, scale=True):  # [GTPO] scale=False: the official code's R - mean
     """Â_i = (R_i - mean) / std over each group of G consecutive rewards; (B,) -> (B,).
 
     Std convention (shared by every trainer here): the population std (divide by G), with
@@ -141,23 +110,21 @@ def group_advantages(rewards, group_size, scale=True):  # [GTPO] scale=False: of
     r = rewards.view(-1, group_size)                                          # (prompts, G)
     mean = r.mean(1, keepdim=True)
     std = r.std(1, keepdim=True, unbiased=False)
-    adv = torch.where(std > 1e-6, (r - mean) / std.clamp_min(1e-6), torch.zeros_like(r))
-    if not scale:  # [GTPO] official code (_prepare_inputs): `(rewards - mean_grouped_rewards) #/ (std...)`
-        adv = torch.where(std > 1e-6, r - mean, torch.zeros_like(r))
+    adv = torch.where(std > 1e-6, (r - mean) / (std.clamp_min(1e-6) if scale else 1), torch.zeros_like(r))  # [GTPO]
     return adv.view(-1)
 
 
-# [GTPO] conflict tokens and their weight λ ------------------------------------------------------------
+def kl_k3(logp, ref_logp):
+    """The k3 estimate of KL(π_θ || π_ref) per token (eq. 4): π_ref/π_θ - log(π_ref/π_θ) - 1 >= 0."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
 
 
-def conflict_runs(ids, valid, pos, neg):  # [GTPO]
-    """(P, G, T) bool: token t of completion i is in its conflict run, counted from position 0.
+def conflict_runs(ids, valid, pos, neg):  # [GTPO] a conflict token's run must start at t = 0 (a cumprod)
+    """(P, G, T) bool: the same id at position t in a positive and a negative completion of the group.
 
-    ids, valid: (P, G, T) token ids and real-token mask of P groups of G completions; pos, neg: (P, G) bool.
-    Raw conflict: the same id occurs at position t in some positive and some negative completion of the
-    group (i itself counts), and i has A ≠ 0. Only the contiguous run of raw conflicts starting at t = 0
-    counts (the official build_conflict_mask takes a cumprod). Padding never matches: the real-token mask
-    decides, not a pad id (a real token may share the pad id, e.g. Qwen's <|endoftext|> EOS).
+    ids, valid: (P, G, T) token ids and real-token mask of P groups of G; pos, neg: (P, G) bool. Padding
+    never matches: the mask decides, not a pad id (Qwen's <|endoftext|> is both a pad and an EOS).
     """
     same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]   # (P, G_i, G_j, T)
     in_pos = (same & pos[:, None, :, None]).any(2)                                      # (P, G, T)
@@ -166,96 +133,56 @@ def conflict_runs(ids, valid, pos, neg):  # [GTPO]
     return raw.long().cumprod(-1).bool()
 
 
-def conflict_weights(completion_ids, mask, advantages, group_size, weight):  # [GTPO]
-    """λ (B, T), and the forward (prefix) and backward (suffix) conflict masks (B, T) of a rollout.
+def conflict_weights(completion_ids, mask, advantages, group_size, weight):  # [GTPO] λ
+    """λ (B, T) and the prefix and suffix conflict masks (B, T) of a right-padded rollout.
 
-    λ_it = f_it · b_it, each factor W (A_i > 0) or 0 (A_i < 0) on its conflict run and 1 elsewhere: the
-    negative update of a conflict token is skipped and the positive one amplified (4 = W² where the prefix
-    and suffix runs overlap, e.g. a completion shorter than the shared part). The suffix run is counted with
-    every completion aligned at its last real token; rows are right-padded (mask 1...1 0...0).
+    λ_it = f_it · b_it, each factor W (A_i > 0) or 0 (A_i < 0) on its run and 1 elsewhere (4 = W² where the
+    runs overlap). The suffix run aligns every completion at its last real token.
     """
     B, T = completion_ids.shape
-    ids = completion_ids.view(-1, group_size, T)
-    valid = mask.bool().view(-1, group_size, T)
-    A = advantages.view(-1, group_size)
-    pos, neg = A > 0, A < 0
+    ids, valid = completion_ids.view(-1, group_size, T), mask.bool().view(-1, group_size, T)
+    pos, neg = advantages.view(-1, group_size) > 0, advantages.view(-1, group_size) < 0
     fwd = conflict_runs(ids, valid, pos, neg)
-    # end-aligned view: position k of the reversed row is position len_i - 1 - k of row i (an involution)
     lengths = valid.sum(-1, keepdim=True)                                              # (P, G, 1)
     k = torch.arange(T, device=completion_ids.device)
-    idx = (lengths - 1 - k).clamp_min(0)                                               # (P, G, T)
+    idx = (lengths - 1 - k).clamp_min(0)                  # reversed row: position len - 1 - k (an involution)
     bwd = conflict_runs(ids.gather(-1, idx), k < lengths, pos, neg).gather(-1, idx) & valid
     sign = torch.where(pos, weight, 0.0)[..., None]                                    # W or 0 per completion
     lam = torch.where(fwd, sign, 1.0) * torch.where(bwd, sign, 1.0)
     return lam.view(B, T), fwd.view(B, T), bwd.view(B, T)
 
 
-# [GTPO] entropy filtering and shaping -----------------------------------------------------------------
-
-
-def sequence_entropy(entropy, mask):  # [GTPO]
-    """⟨H⟩_i: each completion's mean per-token entropy (full-vocabulary, of the current policy); (B, T) -> (B,)."""
-    mask = mask.float()
-    return (entropy * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
-def entropy_threshold(rule, threshold, h_ini=None, history=None, percentile=95.0):  # [GTPO]
-    """The ⟨H⟩_i cut-off for this step; inf means no completion is filtered.
-
-    paper:      ln 2 (threshold) if the initial model's ⟨H⟩_ini < threshold, else no filtering (δ_i = 1).
-    always:     threshold at every step, whatever ⟨H⟩_ini (the official code: ENT_THRESHOLD = 0.7).
-    percentile: the `percentile`-th percentile of every ⟨H⟩_i seen so far (history, this batch included).
-    off:        no filtering (the γ⟨H⟩ shaping still applies).
-    """
-    if rule == "paper":
-        if h_ini is None:
-            raise ValueError("the paper rule needs ⟨H⟩_ini, the initial model's mean entropy")
-        return threshold if h_ini < threshold else math.inf
-    if rule == "always":
-        return threshold
+def entropy_threshold(rule, threshold, h_ini, history, percentile):  # [GTPO] δ's cut-off; inf = no filter
+    """paper: threshold if ⟨H⟩_ini < threshold else inf; always: threshold (the official code, 0.7);
+    percentile: that percentile of `history`, every ⟨H⟩_i so far; off: inf."""
     if rule == "percentile":
-        if not 0.0 <= percentile <= 100.0:
-            raise ValueError(f"ent_percentile={percentile} must be in [0, 100]")
-        return torch.quantile(history.double(), percentile / 100.0).item()
-    if rule == "off":
-        return math.inf
-    raise ValueError(f"ent_rule={rule!r}: choose paper, always, percentile or off")
+        return torch.quantile(torch.tensor(history, dtype=torch.float64), percentile / 100.0).item()
+    return threshold if rule == "always" or (rule == "paper" and h_ini < threshold) else math.inf
 
 
-def shaped_advantages(advantages, seq_entropy, threshold, gamma):  # [GTPO]
-    """A'_i = δ_i (A_i - γ⟨H⟩_i), δ_i = [⟨H⟩_i ≤ threshold]; returns (A', δ) as (B,), (B,) bool.
-
-    ⟨H⟩_i enters as a constant (no gradient through the entropy), as in the official code. A kept
-    completion with A_i = 0 (an all-equal group) still gets -γ⟨H⟩_i, as the objective says.
-    """
+def shaped_advantages(advantages, seq_entropy, threshold, gamma):  # [GTPO] A'_i = δ_i (A_i - γ⟨H⟩_i)
+    """(A', δ): δ_i = [⟨H⟩_i <= threshold]; ⟨H⟩_i enters as a constant, as in the official code."""
     keep = seq_entropy <= threshold
     return torch.where(keep, advantages - gamma * seq_entropy, torch.zeros_like(advantages)), keep
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, lam):  # [GTPO] + λ
-    """-J_GTPO for a batch of sequences: per-sequence token mean, then mean over sequences.  [GTPO]
+    """-J_GTPO for a batch of sequences: per-sequence token mean, then mean over sequences.
 
-    logp, old_logp, ref_logp, mask, lam: (B, T); advantages: (B,), already filtered and shaped (A').  [GTPO]
-    ref_logp is unused when beta == 0.
-    The official gtpo_compute_loss differs: it divides each completion's loss by its number of conflict  [GTPO]
-    tokens (clamped to ≥ 1) and sums over completions instead of averaging; neither is in the paper's
-    objective, so this follows the objective (the tests reproduce the code's value separately).
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp is unused when beta == 0.
     """
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)                                        # ρ (B, T)
-    A = advantages[:, None]
-    surrogate = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
-    per_token = surrogate * lam  # [GTPO] λ ≥ 0, so λ·min(ρA, clip(ρ)A) = min(ρλA, clip(ρ)λA)
-    if beta > 0:
-        log_r = ref_logp - logp
-        kl = torch.exp(log_r) - log_r - 1                                     # k3 estimator, ≥ 0
-        per_token = per_token - beta * kl
+    A = advantages[:, None] * lam  # [GTPO] Â_it = λ_it A'_i (λ >= 0: = λ·min(ρA, clip(ρ)A))
+    per_token = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+    kl = kl_k3(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)       # (B, T)
+    per_token = per_token - beta * kl
     per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)            # (B,)
     loss = -per_seq.mean()
     with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
         clipped = ((A > 0) & (ratio > 1 + clip_eps)) | ((A < 0) & (ratio < 1 - clip_eps))
         stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
-                 "kl": (((kl if beta > 0 else torch.zeros_like(ratio)) * mask).sum(), mask.sum()),
+                 "kl": ((kl * mask).sum(), mask.sum()),
                  "ratio": ((ratio * mask).sum(), mask.sum())}
     return loss, stats
 
@@ -267,104 +194,69 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, lam)
 def main():
     cfg = common.parse_config(Config, tiny=TINY)
     d = common.setup_distributed()
-    if cfg.batch_prompts % d.world_size:
-        raise ValueError(f"batch_prompts={cfg.batch_prompts} must be divisible by the world size {d.world_size}")
-    B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
-    if B % cfg.num_minibatches:
-        raise ValueError(f"{B} completions per rank do not split into num_minibatches={cfg.num_minibatches}")
-    if cfg.ent_rule not in ("paper", "always", "percentile", "off"):  # [GTPO] fail before loading anything
-        raise ValueError(f"ent_rule={cfg.ent_rule!r}: choose paper, always, percentile or off")
+    B = common.completions_per_rank(cfg, d)  # this rank's prompts x G
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
-    if cfg.tiny:
-        cfg.model = common.ensure_tiny_model(d, log=log)
 
-    # model, reference model, tokenizer, optimizer
-    tok = common.load_tokenizer(cfg.model)
-    ckpt = common.resolve_checkpoint(cfg.resume) if cfg.resume else ""
-    master_dtype = torch.float32  # fp32 master weights: lr=1e-6 updates survive (bf16 would round them away)
-    policy = common.Policy(common.load_model(ckpt or cfg.model, d.device, master_dtype),
-                           cfg.logprob_chunk, cfg.gradient_checkpointing).train()
-    raw = policy  # the unwrapped module: generation and saving use raw.lm
-    if d.ddp:
-        policy = DDP(policy, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    ref = None
-    if cfg.beta > 0:  # frozen reference model for the KL term (bf16 on GPU: it is never updated)
-        ref_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-        ref = common.Policy(common.load_model(cfg.model, d.device, ref_dtype), cfg.logprob_chunk).eval()
-        ref.requires_grad_(False)
+    # policy (fp32 master weights), reference model, tokenizer, optimizer
+    path = common.model_path(cfg.model, d)
+    ckpt = common.find_checkpoint(cfg.resume) if cfg.resume else ""
+    tok = common.load_tokenizer(path)
+    raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
+    raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
+    policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
+    ref = common.reference_model(path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    start_step = common.load_trainer_state(ckpt, optimizer, d) if ckpt else 0
-    # [GTPO] ⟨H⟩_ini: given, measured on the first rollout batch, or (on resume) the value the run measured,
-    # which the checkpoint's config holds (mmap: reading the config does not load the optimizer state)
-    if ckpt and cfg.ent_initial < 0:
-        cfg.ent_initial = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu",
-                                     weights_only=False, mmap=True)["config"].get("ent_initial", -1.0)
-    ent_history = []  # [GTPO] every ⟨H⟩_i seen so far (all ranks), for the percentile rule
+    state = common.load_trainer_state(ckpt, optimizer, d) if ckpt else {"step": 0, "extra": {}}  # [GTPO]
+    start_step, h_ini, ent_history = state["step"], state["extra"].get("ent_initial", cfg.ent_initial), []  # [GTPO]
 
-    # data and rewards
+    # data, rewards, logging
     train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
-    reward_fns = [(1.0, common.correctness_reward), (cfg.format_weight, common.format_reward)]
+    reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
     logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
     def evaluate():
-        return common.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
-                               fast=cfg.fast_rollout)
+        return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
+                                   fast=cfg.fast_rollout)
 
     if start_step == 0:
         ev = evaluate()
         log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
         logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
 
-    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc="gtpo")  # [GTPO]
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
     for step in pbar:
-        t0 = time.time()
+        t0, sums = time.time(), {}
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
         for g in optimizer.param_groups:
             g["lr"] = lr
 
         # 1. prompts: this rank's share of the step's global prompt batch
         idx = common.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
-        problems = [train[i] for i in idx]
-        prompts = [common.build_prompt(tok, p["question"], cfg.system_prompt) for p in problems]
-        prompt_ids, prompt_mask = common.tokenize_prompts(tok, prompts, d.device)
 
         # 2. rollout: G completions per prompt from π_old (the current policy)
-        raw.eval()
-        r = common.generate(raw.lm, tok, prompt_ids, prompt_mask, cfg.group_size, cfg.max_new_tokens,
-                            cfg.temperature, cfg.top_p, fast=cfg.fast_rollout)
-        answers = [p["answer"] for p in problems for _ in range(cfg.group_size)]
+        r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
         mask = r.completion_mask                                                  # (B, T)
 
         # 3. rewards and 4. group-relative advantages
-        rewards = common.compute_rewards(r.texts, answers, reward_fns).to(d.device)  # (B,)
-        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_adv)     # (B,)  [GTPO] scale_adv
+        rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
+        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_adv)     # [GTPO] (B,)
 
         # 5. old and reference log-probs, fixed for all mini-batches of this step
         old_logp, entropy = common.batched_logprobs(raw, r, cfg.micro_batch_size, cfg.temperature)
         ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
-
-        # [GTPO] 5b. conflict weights λ from the signs of A (before filtering, as the official code), then
-        # the entropy filter δ and shaping A' = δ(A - γ⟨H⟩) with ⟨H⟩_i of the current policy (= π_old here)
+        # [GTPO] 5b. λ from the signs of A (before filtering, as the official code), then δ and A' = δ(A - γ⟨H⟩)
         lam, fwd, bwd = conflict_weights(r.completion_ids, mask, advantages, cfg.group_size, cfg.conflict_weight)
-        seq_ent = sequence_entropy(entropy, mask)                                 # ⟨H⟩_i (B,)
-        if cfg.ent_initial < 0:  # first rollout batch of the run: the initial model's mean ⟨H⟩_i, over all ranks
-            tot = common.all_reduce_sum(torch.stack([seq_ent.sum(), torch.tensor(float(B), device=d.device)]).double(), d)
-            cfg.ent_initial = (tot[0] / tot[1]).item()  # saved with the config in every checkpoint
-            log(f"[GTPO] initial mean entropy ⟨H⟩_ini = {cfg.ent_initial:.4f}: paper rule "
-                f"{'filters' if cfg.ent_initial < cfg.ent_threshold else 'does not filter'} (threshold {cfg.ent_threshold:.4f})")
-        if cfg.ent_rule == "percentile":  # the same history on every rank, so every rank uses one cut-off
-            everyone = torch.zeros(d.world_size, B, device=d.device)
-            everyone[d.rank] = seq_ent
-            ent_history.append(common.all_reduce_sum(everyone, d).flatten().cpu())
-        threshold = entropy_threshold(cfg.ent_rule, cfg.ent_threshold, cfg.ent_initial,
-                                      torch.cat(ent_history) if ent_history else None, cfg.ent_percentile)
+        seq_ent = (entropy * mask).sum(1) / mask.sum(1)                          # ⟨H⟩_i of π_old (B,)
+        if h_ini < 0:  # the first rollout batch of the run: the initial model's ⟨H⟩, over all ranks
+            h_ini = common.reduce_metrics({"h": (seq_ent.sum(), B)}, d)["h"]
+            log(f"initial mean entropy ⟨H⟩_ini = {h_ini:.4f} (paper rule filters if < {cfg.ent_threshold:.4f})")
+        ent_history += sum(common.all_gather_objects(seq_ent.tolist(), d), []) if cfg.ent_rule == "percentile" else []
+        threshold = entropy_threshold(cfg.ent_rule, cfg.ent_threshold, h_ini, ent_history, cfg.ent_percentile)
         advantages, kept = shaped_advantages(advantages, seq_ent, threshold, cfg.ent_gamma)
         t_rollout = time.time() - t0
 
         # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
-        raw.train()
-        sums = {}
         perm = torch.randperm(B).to(d.device)
         for mb in perm.chunk(cfg.num_minibatches):
             micro = mb.split(cfg.micro_batch_size)
@@ -375,7 +267,7 @@ def main():
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
-                                              advantages[ix], mask[ix], cfg.clip_eps, cfg.beta, lam[ix])  # [GTPO] λ
+                                              advantages[ix], mask[ix], cfg.clip_eps, cfg.beta, lam[ix])  # [GTPO]
                     (loss * len(ix) / len(mb)).backward()
                 for key, (s, n) in stats.items():
                     common.accumulate(sums, key, s, n)
@@ -386,20 +278,15 @@ def main():
             common.accumulate(sums, "grad_norm", grad_norm, 1)
 
         # 7. metrics, averaged over ranks
-        correct = torch.tensor([common.correctness_reward(t, a) for t, a in zip(r.texts, answers)])
-        zero_std = rewards.view(-1, cfg.group_size).std(1) < 1e-6
-        lengths = r.lengths.float()
-        for key, s, n in [("reward", rewards.sum(), B), ("accuracy", correct.sum(), B),
-                          ("response_length", lengths.sum(), B), ("truncated", r.truncated.sum(), B),
-                          ("entropy", (entropy * mask).sum(), mask.sum()), ("zero_std_groups", zero_std.sum(), len(zero_std)),
-                          ("conflict_frac", ((fwd | bwd) & mask.bool()).sum(), mask.sum()),  # [GTPO] conflict tokens
-                          ("filtered_frac", (~kept).sum(), B), ("entropy_seq", seq_ent.sum(), B)]:  # [GTPO] δ=0, ⟨H⟩_i
+        common.rollout_metrics(sums, r, rewards, cfg.group_size)
+        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
+        for key, s, n in [("conflict_frac", ((fwd | bwd) & mask.bool()).sum(), mask.sum()),  # [GTPO]
+                          ("filtered_frac", (~kept).sum(), B), ("entropy_seq", seq_ent.sum(), B)]:
             common.accumulate(sums, key, s, n)
         metrics = common.reduce_metrics(sums, d)
         metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
-        metrics.update(ent_initial=cfg.ent_initial, ent_threshold=min(threshold, 1e9))  # [GTPO] 1e9 = no filter
-        pbar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                         len=f"{metrics['response_length']:.0f}", clip=f"{metrics['clip_frac']:.3f}")
+        metrics.update(ent_initial=h_ini, ent_threshold=min(threshold, 1e9))  # [GTPO] 1e9: no filtering
+        pbar.set_postfix(common.progress(metrics))
 
         # 8. periodic held-out eval and checkpoint
         done = step + 1
@@ -409,7 +296,8 @@ def main():
             log(f"step {done}: held-out greedy accuracy {ev['strict']:.3f}")
         logger.log(done, metrics)
         if done % cfg.save_every == 0 or done == cfg.num_steps:
-            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
+            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d,
+                                   extra={"ent_initial": h_ini})  # [GTPO] the measured ⟨H⟩_ini survives a resume
 
     if start_step < cfg.num_steps:
         log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")
@@ -418,4 +306,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

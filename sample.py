@@ -4,7 +4,7 @@ sample.py: see what a model or checkpoint says, with the answer and reward train
 Prompts come from exactly one source: --prompt (one question), --prompt_file (a text file with one
 question per line, or a .jsonl file with 'question' and optional 'answer' fields), or by default the
 first --num_questions test questions (GSM8K; the tiny task with --tiny; --data_path for local jsonl).
-Each prompt is built by common.build_prompt, as in training. Every completion is printed with its
+Each prompt is built by gsm8k.build_prompt, as in training. Every completion is printed with its
 extracted '####' answer and, when a reference answer is known, its strict and lenient correctness,
 format, and the trainers' reward (correctness + format_weight * format).
 
@@ -21,27 +21,29 @@ from dataclasses import dataclass
 import torch
 
 import common
+import gsm8k
+import tiny
 
 
 @dataclass
 class Config:
-    tiny: bool = False  # the tiny model (unless --model is given) and the tiny task's test questions
-    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, local model dir, checkpoint dir, or run dir (its `latest`)
+    tiny: bool = False  # the tiny model and the tiny task's test questions; --model and --data_path still win
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, model dir, checkpoint dir, run dir (its `latest`), or "tiny"
     prompt: str = ""  # one question to answer
     prompt_file: str = ""  # one question per line, or a .jsonl with 'question' (and optional 'answer') per line
     num_questions: int = 3  # otherwise: the first this many test questions
-    data_path: str = ""  # local GSM8K jsonl file or dir for those questions ("" = hub openai/gsm8k, or the tiny task)
+    data_path: str = ""  # GSM8K for those questions: a jsonl file, a dir with test.jsonl, "tiny", or "" (the hub)
     num_samples: int = 1  # completions per prompt (> 1 needs temperature > 0)
     temperature: float = 0.0  # 0 = greedy decoding; > 0 samples from softmax(logits / temperature)
     top_p: float = 1.0  # nucleus sampling cut when temperature > 0 (1.0 = off)
     max_new_tokens: int = 512  # completion length cap
     batch_size: int = 64  # completions per generate call
-    system_prompt: str = common.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); same as training
+    system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); same as training
     format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), as in the trainers
     seed: int = 0  # sampling seed
 
 
-TINY = dict(model="", max_new_tokens=32, system_prompt="")
+TINY = dict(model="tiny", data_path="tiny", max_new_tokens=32, system_prompt="")
 
 
 def read_prompt_file(path):
@@ -77,17 +79,17 @@ def load_prompts(cfg):
     if cfg.num_questions < 1:
         raise ValueError(f"--num_questions={cfg.num_questions} selects no questions: give a positive number, "
                          "or --prompt / --prompt_file")
-    rows = common.load_gsm8k("test", cfg.data_path) if cfg.data_path or not cfg.tiny else common.tiny_dataset("test")
+    rows = tiny.dataset("test") if cfg.data_path == "tiny" else gsm8k.load_gsm8k("test", cfg.data_path)
     return rows[:cfg.num_questions]
 
 
 def describe(text, answer, format_weight):
     """One line: the extracted answer and, if the reference is known, correctness, format and reward."""
-    pred, fmt = common.extract_answer(text), common.format_reward(text)
+    pred, fmt = gsm8k.extract_answer(text), gsm8k.format_reward(text)
     out = f"answer {pred if pred is not None else '(none)'} | format {fmt:.0f}"
     if answer is None:
         return out + " | reward n/a (no reference answer)"
-    strict, lenient = common.correctness_reward(text, answer), common.lenient_correct(text, answer)
+    strict, lenient = gsm8k.correctness_reward(text, answer), gsm8k.lenient_correct(text, answer)
     return out + f" | strict {strict:.0f} | lenient {lenient:.0f} | reward {strict + format_weight * fmt:.2f}"
 
 
@@ -97,11 +99,11 @@ def main(argv=None):
     if n < 1 or (n > 1 and cfg.temperature <= 0):
         raise ValueError(f"--num_samples={n}: need at least 1, and more than 1 needs --temperature > 0 "
                          "(greedy samples are identical)")
-    if not cfg.model and not cfg.tiny:
-        raise ValueError("--model is empty: give a hub name or a local model, checkpoint or run dir")
+    if not cfg.model:
+        raise ValueError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
     prompts = load_prompts(cfg)  # prompt errors surface before any model is loaded
     d = common.Dist(False, 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True)
-    model_path = common.ensure_tiny_model(d) if cfg.tiny and not cfg.model else common.resolve_model_path(cfg.model)
+    model_path = common.model_path(cfg.model, d)
     tok = common.load_tokenizer(model_path)
     model = common.load_model(model_path, d.device)
     common.seed_everything(cfg.seed)
@@ -110,12 +112,12 @@ def main(argv=None):
     per_batch = max(1, cfg.batch_size // n)
     for s in range(0, len(prompts), per_batch):
         batch = prompts[s:s + per_batch]
-        texts = [common.build_prompt(tok, p["question"], cfg.system_prompt) for p in batch]
+        texts = [gsm8k.build_prompt(tok, p["question"], cfg.system_prompt) for p in batch]
         ids, mask = common.tokenize_prompts(tok, texts, d.device)
         r = common.generate(model, tok, ids, mask, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                             greedy=cfg.temperature <= 0)
         for i, p in enumerate(batch):
-            ref = f" (reference answer {common.extract_answer(p['answer'])})" if p["answer"] else ""
+            ref = f" (reference answer {gsm8k.extract_answer(p['answer'])})" if p["answer"] else ""
             print(f"\n=== prompt {s + i + 1}/{len(prompts)}{ref}")
             print(p["question"])
             for k in range(n):
@@ -126,4 +128,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

@@ -1,3 +1,6 @@
+"""Shared test helpers: paths and subprocess runs, the spec's toy batch, and the 2-process DDP check's
+setup and closing block (the tests/ddp_*_check.py scripts import them when torchrun launches them)."""
+import copy
 import os
 import subprocess
 import sys
@@ -10,6 +13,13 @@ sys.path.insert(0, ROOT)
 SHARED_GSM8K = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 
 import common  # noqa: E402
+import gsm8k  # noqa: E402
+import tiny  # noqa: E402
+
+F64 = torch.float64
+
+# -----------------------------------------------------------------------------
+# running things
 
 
 def single_process():
@@ -20,7 +30,7 @@ def single_process():
 @pytest.fixture(scope="session")
 def tiny_dir():
     """The warm-started tiny model (built once per cache, then loaded from disk)."""
-    return common.ensure_tiny_model(single_process(), log=lambda *a: None)
+    return tiny.ensure_model(single_process(), log=lambda *a: None)
 
 
 def run(cmd, timeout=900, env=None):
@@ -33,6 +43,91 @@ def run(cmd, timeout=900, env=None):
 
 
 def torchrun(nproc, *args):
-    """The argv of a CPU torchrun launch with `nproc` gloo processes."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0"
-            if False else f"--master-port={29500 + os.getpid() % 1000}", *args]
+    """The argv of a CPU torchrun launch with `nproc` gloo processes, on a port of its own."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master-port={29500 + os.getpid() % 1000}", *args]
+
+
+# -----------------------------------------------------------------------------
+# the spec's shared toy batch (ALGORITHMS.md §0.3): G = 4, rewards [1, 0, 0, 1], population-std Â = [1, -1, -1, 1]
+
+OLD = [[-1.0, -0.5], [-1.2, -0.8, -2.0], [-0.3], [-2.0, -1.0]]
+NEW = [[-0.9, -0.2], [-1.5, -0.8, -1.8], [-0.1], [-2.2, -0.7]]
+REF = [[-1.1, -0.4], [-1.0, -0.9, -2.1], [-0.4], [-2.1, -1.2]]
+REWARDS = [1.0, 0.0, 0.0, 1.0]
+
+
+def padded(rows, fill=0.0):
+    """Right-pad ragged rows into a (B, T) float64 tensor and its float64 mask."""
+    T = max(len(r) for r in rows)
+    t = torch.full((len(rows), T), fill, dtype=F64)
+    m = torch.zeros(len(rows), T, dtype=F64)
+    for i, r in enumerate(rows):
+        t[i, :len(r)] = torch.tensor(r, dtype=F64)
+        m[i, :len(r)] = 1
+    return t, m
+
+
+def toy():
+    """(new (requires grad), old, ref, mask, rewards) as float64 tensors; each pads with its own junk value,
+    so a loss that reads the padding shows it."""
+    new, mask = padded(NEW, fill=-7.0)
+    old, _ = padded(OLD, fill=3.0)
+    ref, _ = padded(REF, fill=-5.0)
+    return new.requires_grad_(True), old, ref, mask, torch.tensor(REWARDS, dtype=F64)
+
+
+def value_and_dj(loss, new):
+    """(loss value, dJ/dlogπ per token): backward, then the negated gradient of the loss w.r.t. `new`."""
+    loss.backward()
+    return loss.item(), -new.grad
+
+
+# -----------------------------------------------------------------------------
+# the 2-process DDP checks (tests/ddp_*_check.py, launched by torchrun)
+
+
+def ddp_batch(tok, n=8):
+    """Deterministic prompts + completions of different lengths: (prompt ids, mask, completion ids, mask)."""
+    rows = tiny.dataset("test")[:n]
+    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, r["question"], "") for r in rows],
+                                        torch.device("cpu"))
+    comps = [r["answer"] if i % 3 else r["answer"].split("\n")[0] for i, r in enumerate(rows)]
+    enc = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in comps]
+    T = max(len(e) for e in enc)
+    cids = torch.full((n, T), tok.pad_token_id)
+    cmask = torch.zeros(n, T, dtype=torch.long)
+    for i, e in enumerate(enc):
+        cids[i, :len(e)] = torch.tensor(e)
+        cmask[i, :len(e)] = 1
+    return ids, mask, cids, cmask
+
+
+def ddp_setup():
+    """(d, batch, base policy, stale old log-probs, ref log-probs) for a DDP check on the tiny model."""
+    d = common.setup_distributed()
+    assert d.ddp and d.world_size == 2, "run me with torchrun --nproc_per_node=2"
+    path = tiny.ensure_model(d, log=lambda *a: None)
+    batch = ddp_batch(common.load_tokenizer(path))
+    base = common.Policy(common.load_model(path, d.device))
+    with torch.no_grad():
+        old_logp, _ = base(*batch)
+        old_logp = old_logp + 0.15 * torch.randn(old_logp.shape, generator=torch.Generator().manual_seed(0))
+    return d, batch, base, old_logp, old_logp + 0.1
+
+
+def ddp_copies(base):
+    """(a single-process copy, a DDP-wrapped copy) of `base`, both in train mode."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return copy.deepcopy(base).train(), DDP(copy.deepcopy(base).train())
+
+
+def ddp_finish(d, base, single, model):
+    """Assert that the DDP update equals the single-process one (and did something); print; tear down."""
+    worst = max((a - b).abs().max().item() for a, b in zip(single.parameters(), model.module.parameters()))
+    moved = max((a - b).abs().max().item() for a, b in zip(base.parameters(), model.module.parameters()))
+    assert moved > 1e-3, f"the update did nothing (max change {moved})"
+    assert worst < 1e-5, f"rank {d.rank}: DDP update differs from single-process update by {worst}"
+    common.check_replicas(model.module, torch.optim.SGD(model.parameters(), lr=0), d)
+    print(f"rank {d.rank}: DDP update == single-process update (max diff {worst:.2e}, max change {moved:.2e})")
+    common.cleanup_distributed(d)

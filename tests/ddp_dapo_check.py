@@ -19,6 +19,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import tiny  # noqa: E402
+import gsm8k  # noqa: E402
 import dapo  # noqa: E402
 
 G, BATCH_PROMPTS, MICRO, L_MAX, L_CACHE = 4, 4, 3, 24, 6
@@ -37,8 +39,8 @@ def group_len(rank, j):
 def fake_round(tok, rank):
     """One sampling round of rank `rank`: (keys, Rollout, rewards) of its kept groups, as dapo.main builds."""
     gen = torch.Generator().manual_seed(1000 + rank)
-    problems = common.tiny_dataset("train")[rank * BATCH_PROMPTS:(rank + 1) * BATCH_PROMPTS]
-    ids, mask = common.tokenize_prompts(tok, [common.build_prompt(tok, p["question"], "") for p in problems],
+    problems = tiny.dataset("train")[rank * BATCH_PROMPTS:(rank + 1) * BATCH_PROMPTS]
+    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, p["question"], "") for p in problems],
                                         torch.device("cpu"))
     ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
     rows = []
@@ -97,7 +99,7 @@ def main():
     d = common.setup_distributed()
     assert d.ddp and d.world_size == 2, "run me with torchrun --nproc_per_node=2"
     single_d = common.Dist(False, 0, 0, 1, torch.device("cpu"), True)
-    tiny = common.ensure_tiny_model(d, log=lambda *a: None)
+    tiny = tiny.ensure_model(d, log=lambda *a: None)
     tok = common.load_tokenizer(tiny)
     pad = tok.pad_token_id
     res = {}

@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import tiny  # noqa: E402
 import gfpo  # noqa: E402
 from ddp_grpo_check import fixed_batch  # noqa: E402
 
@@ -17,7 +18,7 @@ from ddp_grpo_check import fixed_batch  # noqa: E402
 def main():
     d = common.setup_distributed()
     assert d.ddp and d.world_size == 2, "run me with torchrun --nproc_per_node=2"
-    tiny = common.ensure_tiny_model(d, log=lambda *a: None)
+    tiny = tiny.ensure_model(d, log=lambda *a: None)
     tok = common.load_tokenizer(tiny)
     ids, mask, cids, cmask = fixed_batch(tok)
     B, G = ids.shape[0], 4

@@ -11,15 +11,24 @@ from conftest import run
 
 def test_defaults_and_overrides():
     cfg = common.parse_config(grpo.Config, [], tiny=grpo.TINY)
-    assert cfg == grpo.Config()
+    assert cfg == dataclasses.replace(grpo.Config(), run_dir="runs/grpo")  # the run dir is named after the file
     cfg = common.parse_config(grpo.Config, ["--lr=3e-6", "--group_size=16", "--beta=0", "--model=./m"], tiny=grpo.TINY)
     assert (cfg.lr, cfg.group_size, cfg.beta, cfg.model) == (3e-6, 16, 0.0, "./m")
 
 
 def test_tiny_overrides_and_explicit_flags_win():
     cfg = common.parse_config(grpo.Config, ["--tiny", "--num_steps=3"], tiny=grpo.TINY)
-    assert cfg.tiny and cfg.num_steps == 3
-    assert cfg.lr == grpo.TINY["lr"] and cfg.system_prompt == ""
+    assert cfg.tiny and cfg.num_steps == 3 and cfg.run_dir == "runs/grpo-tiny"
+    assert cfg.lr == grpo.TINY["lr"] and cfg.system_prompt == "" and (cfg.model, cfg.data_path) == ("tiny", "tiny")
+    cfg = common.parse_config(grpo.Config, ["--tiny", "--model=/m", "--data_path=/d", "--run_dir=R"], tiny=grpo.TINY)
+    assert (cfg.model, cfg.data_path, cfg.run_dir) == ("/m", "/d", "R")
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo"])
+def test_run_dir_and_progress_label_come_from_the_file_name(name):
+    module = __import__(name)
+    assert common.run_name(module.Config) == name
+    assert common.parse_config(module.Config, ["--tiny"], tiny=module.TINY).run_dir == f"runs/{name}-tiny"
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -31,7 +40,7 @@ def test_tiny_overrides_and_explicit_flags_win():
     (["lr=1"], "unexpected argument"),
 ])
 def test_bad_input_gives_clear_error(argv, msg):
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(common.UserError, match=msg):
         common.parse_config(grpo.Config, argv, tiny=grpo.TINY)
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import common
+import tiny
+import gsm8k
 import dapo
 from conftest import ROOT, run, torchrun
 
@@ -187,7 +189,7 @@ def test_keep_groups_matches_a_loop():
 
 def round_rollout(tok, questions, completions):
     """A Rollout of one prompt per entry of `completions` (strings), as common.generate packages it."""
-    ids, mask = common.tokenize_prompts(tok, [common.build_prompt(tok, q, "") for q in questions], torch.device("cpu"))
+    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, q, "") for q in questions], torch.device("cpu"))
     enc = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
     T = max(len(e) for e in enc)
     cids = torch.full((len(enc), T), tok.pad_token_id)
@@ -198,7 +200,7 @@ def round_rollout(tok, questions, completions):
 
 def test_gather_kept_groups_orders_truncates_and_keeps_logprobs(tiny_dir):
     tok = common.load_tokenizer(tiny_dir)
-    qs = [p["question"] for p in common.tiny_dataset("test")[:6]]
+    qs = [p["question"] for p in tiny.dataset("test")[:6]]
     G = 2
     # round 0: two prompts (short completions), round 1: one prompt with long completions, long question
     r0 = round_rollout(tok, [qs[0], qs[0], qs[1], qs[1]], ["1", "22", "333", "4"])

@@ -1,4 +1,4 @@
-"""The shared evaluator (common.evaluate and its helpers), eval_gsm8k.py and sample.py."""
+"""The shared evaluator (evaluation.evaluate and its helpers), eval_gsm8k.py and sample.py."""
 import itertools
 import json
 import random
@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import common
+import tiny
+import evaluation
+import gsm8k
 from conftest import run, single_process, torchrun
 
 import eval_gsm8k  # noqa: E402  (importable: the script bodies run only under __main__)
@@ -23,15 +26,15 @@ ENV = {"OMP_NUM_THREADS": "1"}  # one thread per process: faster on a small shar
 
 def test_pass_at_k_hand_values():
     # n=5 samples, c=2 correct: 1 - C(3,k)/C(5,k)
-    assert common.pass_at_k(5, 2, 1) == pytest.approx(2 / 5)
-    assert common.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)   # C(3,2)=3, C(5,2)=10
-    assert common.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)   # C(3,3)=1, C(5,3)=10
-    assert common.pass_at_k(5, 2, 4) == 1.0                           # k > n-c: every k-subset has a hit
-    assert common.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # C(7,5)=21, C(10,5)=252
-    assert common.pass_at_k(8, 0, 8) == 0.0 and common.pass_at_k(8, 8, 1) == 1.0
+    assert evaluation.pass_at_k(5, 2, 1) == pytest.approx(2 / 5)
+    assert evaluation.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)   # C(3,2)=3, C(5,2)=10
+    assert evaluation.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)   # C(3,3)=1, C(5,3)=10
+    assert evaluation.pass_at_k(5, 2, 4) == 1.0                           # k > n-c: every k-subset has a hit
+    assert evaluation.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # C(7,5)=21, C(10,5)=252
+    assert evaluation.pass_at_k(8, 0, 8) == 0.0 and evaluation.pass_at_k(8, 8, 1) == 1.0
     for bad in [(5, 6, 1), (5, 2, 0), (5, 2, 6), (4, -1, 1)]:
         with pytest.raises(ValueError):
-            common.pass_at_k(*bad)
+            evaluation.pass_at_k(*bad)
 
 
 def test_pass_at_k_matches_subset_enumeration():
@@ -43,49 +46,49 @@ def test_pass_at_k_matches_subset_enumeration():
         samples = [1] * c + [0] * (n - c)
         subsets = list(itertools.combinations(range(n), k))
         hits = sum(1 for s in subsets if any(samples[i] for i in s))
-        assert common.pass_at_k(n, c, k) == pytest.approx(hits / len(subsets), abs=1e-12), (n, c, k)
+        assert evaluation.pass_at_k(n, c, k) == pytest.approx(hits / len(subsets), abs=1e-12), (n, c, k)
 
 
 def test_majority_vote_ties_go_to_first_occurrence():
-    assert common.majority_vote([3, 5, 5, 3]) == 3      # 2 votes each: 3 occurs first
-    assert common.majority_vote([5, 3, 3, 5]) == 5
-    assert common.majority_vote([1, 2, 2]) == 2          # a strict majority wins wherever it starts
-    assert common.majority_vote([None, None, 7]) == 7    # completions without an answer do not vote
-    assert common.majority_vote([None, 4, None, 9]) == 4
-    assert common.majority_vote([None, None]) is None
-    assert common.majority_vote([]) is None
+    assert evaluation.majority_vote([3, 5, 5, 3]) == 3      # 2 votes each: 3 occurs first
+    assert evaluation.majority_vote([5, 3, 3, 5]) == 5
+    assert evaluation.majority_vote([1, 2, 2]) == 2          # a strict majority wins wherever it starts
+    assert evaluation.majority_vote([None, None, 7]) == 7    # completions without an answer do not vote
+    assert evaluation.majority_vote([None, 4, None, 9]) == 4
+    assert evaluation.majority_vote([None, None]) is None
+    assert evaluation.majority_vote([]) is None
     # answers are compared as numbers: '1/2' and '0.5' are one answer with two votes
-    answers = [common.extract_answer(t) for t in ["#### 3", "#### 1/2", "#### 0.5"]]
-    assert common.majority_vote(answers) == Fraction(1, 2)
+    answers = [gsm8k.extract_answer(t) for t in ["#### 3", "#### 1/2", "#### 0.5"]]
+    assert evaluation.majority_vote(answers) == Fraction(1, 2)
 
 
 def test_wilson_interval_hand_values():
-    lo, hi = common.wilson_interval(0.5, 100)
+    lo, hi = evaluation.wilson_interval(0.5, 100)
     assert (lo, hi) == (pytest.approx(0.403832, abs=1e-5), pytest.approx(0.596168, abs=1e-5))
-    lo, hi = common.wilson_interval(0.0, 10)  # z²/n / (1 + z²/n) = 0.38416 / 1.38416
+    lo, hi = evaluation.wilson_interval(0.0, 10)  # z²/n / (1 + z²/n) = 0.38416 / 1.38416
     assert lo == 0.0 and hi == pytest.approx(0.38416 / 1.38416, abs=1e-9)
-    lo, hi = common.wilson_interval(1.0, 10)
+    lo, hi = evaluation.wilson_interval(1.0, 10)
     assert hi == 1.0 and lo == pytest.approx(1 - 0.38416 / 1.38416, abs=1e-9)
-    assert common.wilson_interval(0.3, 0) == (0.0, 1.0)
+    assert evaluation.wilson_interval(0.3, 0) == (0.0, 1.0)
     for p, n in [(0.1, 7), (0.73, 1319), (0.285, 200)]:  # contains p, narrows with more problems
-        lo, hi = common.wilson_interval(p, n)
-        lo4, hi4 = common.wilson_interval(p, 4 * n)
+        lo, hi = evaluation.wilson_interval(p, n)
+        lo4, hi4 = evaluation.wilson_interval(p, 4 * n)
         assert lo < p < hi and lo < lo4 and hi4 < hi
 
 
 def test_summarize_eval_hand_records():
-    a = common.score_problem(0, {"question": "qa", "answer": "1+6=7\n#### 7"},
+    a = evaluation.score_problem(0, {"question": "qa", "answer": "1+6=7\n#### 7"},
                              ["1+6=7\n#### 7", "7\n#### 8", "The answer is 7.", "#### 7"], [False] * 4)
     assert a["extracted"] == ["7", "8", None, "7"] and a["last_number"] == ["7", "8", "7", "7"]
     assert a["correct"] == [True, False, False, True] and a["lenient"] == [True, False, True, True]
     assert a["format"] == [True, True, False, True]
     assert a["majority"] == "7" and a["majority_correct"] and a["majority_lenient_correct"]
-    b = common.score_problem(1, {"question": "qb", "answer": "#### 3"},
+    b = evaluation.score_problem(1, {"question": "qb", "answer": "#### 3"},
                              ["#### 4", "#### 5", "#### 5", "#### 4 apples"], [False, False, False, True])
     assert b["majority"] == "4" and not b["majority_correct"]  # 4 and 5 tie: 4 occurs first
     assert b["format"] == [True, True, True, False] and b["truncated"] == [False, False, False, True]
 
-    m = common.summarize_eval([a, b], ks=[1, 2, 4])
+    m = evaluation.summarize_eval([a, b], ks=[1, 2, 4])
     assert m["n"] == 2 and m["samples"] == 4
     assert m["strict"] == pytest.approx((2 / 4 + 0) / 2)
     assert m["lenient"] == pytest.approx((3 / 4 + 0) / 2)
@@ -95,27 +98,27 @@ def test_summarize_eval_hand_records():
     assert m["pass@2"] == pytest.approx((1 - 1 / 6) / 2)   # problem a: 1 - C(2,2)/C(4,2)
     assert m["pass@4"] == pytest.approx(0.5)
     assert m["maj"] == 0.5 and m["maj_lenient"] == 0.5
-    assert (m["strict_lo"], m["strict_hi"]) == common.wilson_interval(m["strict"], 2)
-    assert common.default_ks(4) == [1, 2, 4] and common.default_ks(6) == [1, 2, 4, 6]
-    assert common.default_ks(1) == [1]
+    assert (m["strict_lo"], m["strict_hi"]) == evaluation.wilson_interval(m["strict"], 2)
+    assert evaluation.default_ks(4) == [1, 2, 4] and evaluation.default_ks(6) == [1, 2, 4, 6]
+    assert evaluation.default_ks(1) == [1]
 
 
 # -----------------------------------------------------------------------------
-# common.evaluate on the tiny model, in process
+# evaluation.evaluate on the tiny model, in process
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir):
+def tiny_setup(tiny_dir):
     return common.load_model(tiny_dir, torch.device("cpu")), common.load_tokenizer(tiny_dir)
 
 
-def test_evaluate_trainer_contract_and_rng(tiny):
+def test_evaluate_trainer_contract_and_rng(tiny_setup):
     """The trainers' call: greedy, scalar metrics they log; their RNG stream is left as it was."""
-    model, tok = tiny
+    model, tok = tiny_setup
     model.train()
-    problems = common.tiny_dataset("test")[:6]
+    problems = tiny.dataset("test")[:6]
     state = torch.get_rng_state()
-    ev = common.evaluate(model, tok, problems, single_process(), 32, system_prompt="")
+    ev = evaluation.evaluate(model, tok, problems, single_process(), 32, system_prompt="")
     assert model.training, "evaluate must restore train mode"
     assert torch.equal(state, torch.get_rng_state())
     assert ev["n"] == 6 and ev["samples"] == 1
@@ -124,38 +127,38 @@ def test_evaluate_trainer_contract_and_rng(tiny):
     assert 0 <= ev["strict"] <= ev["lenient"] <= 1 and ev["strict_lo"] <= ev["strict"] <= ev["strict_hi"]
     # sampling with a seed does not touch the global RNG either, and gives the same samples twice
     kw = dict(system_prompt="", n=3, temperature=1.0, seed=5, return_predictions=True)
-    _, r1 = common.evaluate(model, tok, problems, single_process(), 32, **kw)
-    _, r2 = common.evaluate(model, tok, problems, single_process(), 32, **kw)
+    _, r1 = evaluation.evaluate(model, tok, problems, single_process(), 32, **kw)
+    _, r2 = evaluation.evaluate(model, tok, problems, single_process(), 32, **kw)
     assert torch.equal(state, torch.get_rng_state()) and r1 == r2
     with pytest.raises(ValueError, match="temperature"):
-        common.evaluate(model, tok, problems, single_process(), 32, n=3)
+        evaluation.evaluate(model, tok, problems, single_process(), 32, n=3)
     with pytest.raises(ValueError, match="no problems"):
-        common.evaluate(model, tok, [], single_process(), 32)
+        evaluation.evaluate(model, tok, [], single_process(), 32)
 
 
-def test_evaluate_shards_do_not_depend_on_world_size(tiny):
+def test_evaluate_shards_do_not_depend_on_world_size(tiny_setup):
     """Each rank's share (batches j = rank, rank + W, ...) merges into exactly the 1-rank records."""
-    model, tok = tiny
-    problems = common.tiny_dataset("test")[:10]
+    model, tok = tiny_setup
+    problems = tiny.dataset("test")[:10]
     kw = dict(batch_size=6, system_prompt="", n=3, temperature=1.0, top_p=0.95, return_predictions=True)
-    _, full = common.evaluate(model, tok, problems, single_process(), 24, **kw)
+    _, full = evaluation.evaluate(model, tok, problems, single_process(), 24, **kw)
     parts = []
     for rank in range(3):  # three ranks of a 3-rank run, each evaluated without a process group
         d = common.Dist(False, rank, rank, 3, torch.device("cpu"), rank == 0)
-        parts += common.evaluate(model, tok, problems, d, 24, **kw)[1]
+        parts += evaluation.evaluate(model, tok, problems, d, 24, **kw)[1]
     assert sorted(parts, key=lambda r: r["index"]) == full
     assert [r["index"] for r in full] == list(range(10))
     assert [r["question"] for r in full] == [p["question"] for p in problems]
     assert all(len(r["completions"]) == 3 for r in full)
 
 
-def test_evaluate_fast_rollout_gives_the_same_greedy_records(tiny):
+def test_evaluate_fast_rollout_gives_the_same_greedy_records(tiny_setup):
     """fast=True (static-KV-cache decode loop) must not change what the evaluator reports."""
-    model, tok = tiny
-    problems = common.tiny_dataset("test")[:12]
+    model, tok = tiny_setup
+    problems = tiny.dataset("test")[:12]
     kw = dict(batch_size=8, system_prompt="", return_predictions=True)
-    slow = common.evaluate(model, tok, problems, single_process(), 32, **kw)
-    fast = common.evaluate(model, tok, problems, single_process(), 32, fast=True, **kw)
+    slow = evaluation.evaluate(model, tok, problems, single_process(), 32, **kw)
+    fast = evaluation.evaluate(model, tok, problems, single_process(), 32, fast=True, **kw)
     assert fast == slow
 
 
@@ -176,7 +179,7 @@ def read_jsonl(path):
 
 
 def test_eval_script_one_vs_two_processes(tmp_path):
-    rows = common.tiny_dataset("test")[:10]
+    rows = tiny.dataset("test")[:10]
     data = write_jsonl(tmp_path / "test.jsonl", rows)  # GSM8K format: question, answer with '#### n'
     args = ["eval_gsm8k.py", "--tiny", f"--data_path={data}", "--limit=9", "--batch_size=4"]
     out1 = run([sys.executable, *args, f"--out_dir={tmp_path / 'one'}"], env=ENV).stdout
@@ -194,7 +197,7 @@ def test_eval_script_one_vs_two_processes(tmp_path):
     # the summary is what the predictions say, recounted here with plain loops
     strict = lenient = fmt = 0
     for p in preds:
-        assert len(p["completions"]) == 1 and p["reference"] == str(common.extract_answer(rows[p["index"]]["answer"]))
+        assert len(p["completions"]) == 1 and p["reference"] == str(gsm8k.extract_answer(rows[p["index"]]["answer"]))
         strict += p["correct"][0]
         lenient += p["lenient"][0]
         fmt += p["format"][0]
@@ -203,15 +206,15 @@ def test_eval_script_one_vs_two_processes(tmp_path):
     m = s1["metrics"]
     assert (m["strict"], m["lenient"], m["format"]) == (strict / 9, lenient / 9, fmt / 9)
     assert m["strict"] <= m["lenient"]
-    assert (m["strict_lo"], m["strict_hi"]) == tuple(common.wilson_interval(strict / 9, 9))
+    assert (m["strict_lo"], m["strict_hi"]) == tuple(evaluation.wilson_interval(strict / 9, 9))
 
 
 # -----------------------------------------------------------------------------
 # sample.py on a saved checkpoint, and the prompt sources
 
 
-def test_sample_on_saved_checkpoint(tmp_path, tiny):
-    model, tok = tiny
+def test_sample_on_saved_checkpoint(tmp_path, tiny_setup):
+    model, tok = tiny_setup
     ckpt = tmp_path / "run" / "ckpt-000001"
     model.save_pretrained(ckpt)
     tok.save_pretrained(ckpt)
@@ -265,15 +268,15 @@ def test_clear_errors(tmp_path):
         sample.main(["--tiny", "--num_questions=0"])
     # model paths: relative paths that do not exist, a dir that holds no model, a run dir with `latest`
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        common.resolve_model_path("runs/no-such-run/ckpt-000001")
+        common.model_path("runs/no-such-run/ckpt-000001", single_process())
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        common.resolve_model_path(str(tmp_path))
+        common.model_path(str(tmp_path), single_process())
     run_dir = tmp_path / "run"
     (run_dir / "ckpt-000002").mkdir(parents=True)
     (run_dir / "ckpt-000002" / "config.json").write_text("{}")
     (run_dir / "latest").write_text("ckpt-000002\n")
-    assert common.resolve_model_path(str(run_dir)) == str(run_dir / "ckpt-000002")
+    assert common.model_path(str(run_dir), single_process()) == str(run_dir / "ckpt-000002")
     (run_dir / "latest").write_text("ckpt-000009")
     with pytest.raises(FileNotFoundError, match="ckpt-000009"):
-        common.resolve_model_path(str(run_dir))
-    assert common.resolve_model_path("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
+        common.model_path(str(run_dir), single_process())
+    assert common.model_path("Qwen/Qwen2.5-1.5B-Instruct", single_process()) == "Qwen/Qwen2.5-1.5B-Instruct"

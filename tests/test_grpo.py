@@ -6,35 +6,15 @@ import pytest
 import torch
 
 import grpo
-
-# The spec's shared toy batch (section 0.3): G = 4, rewards [1, 0, 0, 1].
-OLD = [[-1.0, -0.5], [-1.2, -0.8, -2.0], [-0.3], [-2.0, -1.0]]
-NEW = [[-0.9, -0.2], [-1.5, -0.8, -1.8], [-0.1], [-2.2, -0.7]]
-REF = [[-1.1, -0.4], [-1.0, -0.9, -2.1], [-0.4], [-2.1, -1.2]]
-REWARDS = [1.0, 0.0, 0.0, 1.0]
-
-
-def padded(rows, fill=0.0):
-    """Right-pad ragged rows into a (B, T) float64 tensor and its mask."""
-    T = max(len(r) for r in rows)
-    t = torch.full((len(rows), T), fill, dtype=torch.float64)
-    m = torch.zeros(len(rows), T, dtype=torch.float64)
-    for i, r in enumerate(rows):
-        t[i, :len(r)] = torch.tensor(r, dtype=torch.float64)
-        m[i, :len(r)] = 1
-    return t, m
+from conftest import REWARDS, padded, toy, value_and_dj
 
 
 def toy_loss(beta, adv=None):
-    """GRPO loss on the toy and dJ/dlogπ per token (the negated gradient of the loss)."""
-    new, mask = padded(NEW, fill=-7.0)  # pad values must not leak into the loss
-    old, _ = padded(OLD, fill=3.0)
-    ref, _ = padded(REF, fill=-5.0)
-    new.requires_grad_(True)
-    adv = grpo.group_advantages(torch.tensor(REWARDS, dtype=torch.float64), 4) if adv is None else adv
+    """GRPO loss on the spec's toy, dJ/dlogπ per token, the mask and the stats."""
+    new, old, ref, mask, rewards = toy()
+    adv = grpo.group_advantages(rewards, 4) if adv is None else adv
     loss, stats = grpo.policy_loss(new, old, ref, adv, mask, clip_eps=0.2, beta=beta)
-    loss.backward()
-    return loss.item(), -new.grad, mask, stats
+    return (*value_and_dj(loss, new), mask, stats)
 
 
 def test_advantages_population_std():

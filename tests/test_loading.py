@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import common
+import tiny
+import gsm8k
 
 
 def test_from_pretrained_roundtrip(tiny_dir, tmp_path):
@@ -15,7 +17,7 @@ def test_from_pretrained_roundtrip(tiny_dir, tmp_path):
     tok2 = common.load_tokenizer(str(tmp_path))
     lm2 = common.load_model(str(tmp_path), torch.device("cpu"), torch.bfloat16)
     assert next(lm2.parameters()).dtype == torch.bfloat16
-    text = common.build_prompt(tok, "Ann has 3 pens.", "")
+    text = gsm8k.build_prompt(tok, "Ann has 3 pens.", "")
     assert tok2(text)["input_ids"] == tok(text)["input_ids"]
     assert tok2.decode(tok2(text)["input_ids"]) == text  # char-level: newlines survive the round trip
     for a, b in zip(lm.parameters(), lm2.parameters()):
@@ -36,10 +38,10 @@ def write_jsonl(path, rows):
 
 
 def test_load_dataset_from_local_jsonl(tmp_path):
-    rows = common.tiny_dataset("test")[:5]
+    rows = tiny.dataset("test")[:5]
     write_jsonl(tmp_path / "test.jsonl", rows)
-    assert common.load_gsm8k("test", str(tmp_path)) == rows               # a directory
-    assert common.load_gsm8k("test", str(tmp_path / "test.jsonl")) == rows  # a file
+    assert gsm8k.load_gsm8k("test", str(tmp_path)) == rows               # a directory
+    assert gsm8k.load_gsm8k("test", str(tmp_path / "test.jsonl")) == rows  # a file
 
 
 @pytest.mark.parametrize("rows,msg", [
@@ -54,9 +56,9 @@ def test_bad_datasets_are_clear_errors(tmp_path, rows, msg):
     else:
         path.write_text("")
     with pytest.raises(ValueError, match=msg):
-        common.load_gsm8k("train", str(path))
+        gsm8k.load_gsm8k("train", str(path))
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        common.load_gsm8k("train", str(tmp_path / "missing"))
+        gsm8k.load_gsm8k("train", str(tmp_path / "missing"))

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import common
+import tiny
+import gsm8k
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,8 @@ def plain_logprobs(lm, prompt, completion, temperature):
 def test_chunked_logprobs_equal_full_forward_with_padding_on_both_sides(model, chunk, temperature):
     tok, lm = model
     torch.manual_seed(0)
-    qs = [r["question"] for r in common.tiny_dataset("test")[:3]]
-    ids, mask = common.tokenize_prompts(tok, [common.build_prompt(tok, q, "") for q in qs], torch.device("cpu"))
+    qs = [r["question"] for r in tiny.dataset("test")[:3]]
+    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, q, "") for q in qs], torch.device("cpu"))
     assert (mask == 0).any(), "prompts must be left-padded for this test"
     r = common.generate(lm, tok, ids, mask, 2, 24, temperature=1.0)
     assert (r.completion_mask == 0).any(), "completions must be right-padded for this test"
@@ -42,7 +44,7 @@ def test_chunked_logprobs_equal_full_forward_with_padding_on_both_sides(model, c
 
 def test_chunked_gradient_equals_full_gradient(model):
     tok, lm = model
-    ids, mask = common.tokenize_prompts(tok, [common.build_prompt(tok, "Ann has 3 pens.", "")], torch.device("cpu"))
+    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, "Ann has 3 pens.", "")], torch.device("cpu"))
     comp = torch.tensor([tok("3+4=7\n#### 7", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
     cmask = torch.ones_like(comp)
     grads = []
@@ -73,7 +75,7 @@ def test_completion_mask_with_several_eos_ids():
 
 def test_rollout_fields(model):
     tok, lm = model
-    ids, mask = common.tokenize_prompts(tok, [common.build_prompt(tok, q["question"], "") for q in common.tiny_dataset("test")[:2]],
+    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, q["question"], "") for q in tiny.dataset("test")[:2]],
                                         torch.device("cpu"))
     torch.manual_seed(1)
     r = common.generate(lm, tok, ids, mask, 3, 6, temperature=1.0)  # 6 tokens: most are truncated

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common
+import tiny
+import gsm8k
 from conftest import SHARED_GSM8K
 
 
@@ -22,8 +24,8 @@ def shared_rows(split):
 def test_every_reference_solution_scores_one(split):
     rows = shared_rows(split)
     assert len(rows) > 1000
-    bad = [r["answer"][-60:] for r in rows if common.correctness_reward(r["answer"], r["answer"]) != 1.0
-           or common.format_reward(r["answer"]) != 1.0]
+    bad = [r["answer"][-60:] for r in rows if gsm8k.correctness_reward(r["answer"], r["answer"]) != 1.0
+           or gsm8k.format_reward(r["answer"]) != 1.0]
     assert not bad, f"{len(bad)} reference solutions not recognised, e.g. {bad[:3]}"
 
 
@@ -34,9 +36,9 @@ def test_shuffled_answers_score_zero(split):
     order = list(range(len(rows)))
     rng.shuffle(order)
     pairs = [(rows[i]["answer"], rows[j]["answer"]) for i, j in zip(range(len(rows)), order)
-             if common.extract_answer(rows[i]["answer"]) != common.extract_answer(rows[j]["answer"])]
+             if gsm8k.extract_answer(rows[i]["answer"]) != gsm8k.extract_answer(rows[j]["answer"])]
     assert len(pairs) > 0.9 * len(rows)
-    assert all(common.correctness_reward(c, a) == 0.0 for c, a in pairs)
+    assert all(gsm8k.correctness_reward(c, a) == 0.0 for c, a in pairs)
 
 
 @pytest.mark.parametrize("text,value", [
@@ -55,42 +57,42 @@ def test_shuffled_answers_score_zero(split):
     ("#### 1/0", None),
 ])
 def test_extract_answer(text, value):
-    assert common.extract_answer(text) == value
+    assert gsm8k.extract_answer(text) == value
 
 
 def test_tricky_completions():
     ref = "Some steps <<2*3=6>>6\n#### 1,000"
-    assert common.correctness_reward("... so the total is\n#### 1000", ref) == 1.0
-    assert common.correctness_reward("#### 1000.00", ref) == 1.0
-    assert common.correctness_reward("#### $1,000", ref) == 1.0
-    assert common.correctness_reward("#### 100", ref) == 0.0
-    assert common.correctness_reward("The answer is 1000", ref) == 0.0  # strict: needs '####'
-    assert common.lenient_correct("The answer is 1000", ref) == 1.0     # lenient: last number
-    assert common.lenient_correct("1000 or maybe 999", ref) == 0.0
-    assert common.correctness_reward("#### 3/4", "#### 0.75") == 1.0
-    assert common.correctness_reward("#### -3", "#### 3") == 0.0
-    assert common.correctness_reward("#### 2.5", "#### 5/2") == 1.0
+    assert gsm8k.correctness_reward("... so the total is\n#### 1000", ref) == 1.0
+    assert gsm8k.correctness_reward("#### 1000.00", ref) == 1.0
+    assert gsm8k.correctness_reward("#### $1,000", ref) == 1.0
+    assert gsm8k.correctness_reward("#### 100", ref) == 0.0
+    assert gsm8k.correctness_reward("The answer is 1000", ref) == 0.0  # strict: needs '####'
+    assert gsm8k.lenient_correct("The answer is 1000", ref) == 1.0     # lenient: last number
+    assert gsm8k.lenient_correct("1000 or maybe 999", ref) == 0.0
+    assert gsm8k.correctness_reward("#### 3/4", "#### 0.75") == 1.0
+    assert gsm8k.correctness_reward("#### -3", "#### 3") == 0.0
+    assert gsm8k.correctness_reward("#### 2.5", "#### 5/2") == 1.0
 
 
 def test_format_reward():
-    assert common.format_reward("2+2=4\n#### 4") == 1.0
-    assert common.format_reward("2+2=4\n#### 4\n") == 1.0
-    assert common.format_reward("2+2=4\n#### -4.5") == 1.0
-    assert common.format_reward("#### 4 apples") == 0.0
-    assert common.format_reward("#### 4\nand more text") == 0.0
-    assert common.format_reward("The answer is 4.") == 0.0
-    assert common.format_reward("") == 0.0
+    assert gsm8k.format_reward("2+2=4\n#### 4") == 1.0
+    assert gsm8k.format_reward("2+2=4\n#### 4\n") == 1.0
+    assert gsm8k.format_reward("2+2=4\n#### -4.5") == 1.0
+    assert gsm8k.format_reward("#### 4 apples") == 0.0
+    assert gsm8k.format_reward("#### 4\nand more text") == 0.0
+    assert gsm8k.format_reward("The answer is 4.") == 0.0
+    assert gsm8k.format_reward("") == 0.0
 
 
 def test_rewards_compose():
-    fns = [(1.0, common.correctness_reward), (0.5, common.format_reward)]
+    fns = [(1.0, gsm8k.correctness_reward), (0.5, gsm8k.format_reward)]
     r = common.compute_rewards(["#### 4", "The answer is 4", "#### 5"], ["#### 4"] * 3, fns)
     assert torch.allclose(r, torch.tensor([1.5, 0.0, 0.5]))
 
 
 def test_tiny_task_answers_are_gsm8k_format():
     for split in ["train", "test"]:
-        rows = common.tiny_dataset(split)
-        assert all(common.correctness_reward(r["answer"], r["answer"]) == 1.0 for r in rows)
-    train_q = {r["question"] for r in common.tiny_dataset("train")}
-    assert not train_q & {r["question"] for r in common.tiny_dataset("test")}
+        rows = tiny.dataset(split)
+        assert all(gsm8k.correctness_reward(r["answer"], r["answer"]) == 1.0 for r in rows)
+    train_q = {r["question"] for r in tiny.dataset("train")}
+    assert not train_q & {r["question"] for r in tiny.dataset("test")}
