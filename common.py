@@ -46,7 +46,7 @@ def run(main):
     """Run a script's main(): a UserError prints `script: error: message` on stderr and exits 2, no traceback."""
     try:
         main()
-    except UserError as e:
+    except (UserError, gsm8k.DataError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -83,23 +83,13 @@ def _valid_values(doc):
 def _parse_value(name, typ, text):
     """Convert the command-line text for field `name` to its declared type, or raise UserError."""
     if typ is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"--{name} expects a boolean (true/false), got {text!r}")
-    if typ is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise UserError(f"--{name} expects an integer, got {text!r}") from None
-    if typ is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise UserError(f"--{name} expects a number, got {text!r}") from None
-    return text
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise UserError(f"--{name} expects a boolean (true/false), got {text!r}")
+        return text.lower() in ("1", "true", "yes", "on")
+    try:
+        return typ(text)  # int, float or str
+    except ValueError:
+        raise UserError(f"--{name} expects {'an integer' if typ is int else 'a number'}, got {text!r}") from None
 
 
 def config_help(cls, tiny=None):
@@ -251,16 +241,20 @@ def _dtype_kwarg(dtype):
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _check_model_path(path):
-    """Fail early with a clear message when a local path (/, ., ~) does not exist."""
-    if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
+def _load_error(what, path, e):
+    """The UserError for a model or tokenizer that would not load: the real cause, for a local dir or a hub name."""
+    cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    if os.path.isdir(os.path.expanduser(path)):
+        return UserError(f"cannot load the {what} in {path}: {cause}")
+    if _looks_local(os.path.expanduser(path)):
+        return UserError(f"model or checkpoint directory {path} does not exist")
+    return UserError(f"cannot load the {what} {path!r} from the Hugging Face hub ({cause}); check the name and the "
+                     "network, or pass a local model dir")
 
 
 def load_tokenizer(path):
     """Tokenizer from a hub name or local dir, left-padding for batched generation."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    _check_model_path(path)
     # A plain tokenizer.json tokenizer (our tiny one) is loaded as itself: AutoTokenizer would
     # follow config.json's model_type and rebuild it as Qwen2's byte-level BPE.
     cfg_file = os.path.join(os.path.expanduser(path), "tokenizer_config.json")
@@ -268,8 +262,8 @@ def load_tokenizer(path):
     loader = PreTrainedTokenizerFast if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") else AutoTokenizer
     try:
         tok = loader.from_pretrained(os.path.expanduser(path))
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load tokenizer {path!r} (not a local dir, and not on the hub or no network): {e}") from e
+    except (OSError, ValueError) as e:  # missing files, no network, a dir with no tokenizer in it
+        raise _load_error("tokenizer", path, e) from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -277,7 +271,7 @@ def load_tokenizer(path):
     if tok.chat_template is None and os.path.isfile(template_file):  # transformers < 4.47 does not read this file
         tok.chat_template = open(template_file).read()
     if tok.chat_template is None:
-        raise ValueError(f"tokenizer {path!r} has no chat template; use an instruct/chat model")
+        raise UserError(f"the tokenizer of {path} has no chat template: use an instruct/chat model")
     return tok
 
 
@@ -285,17 +279,24 @@ def model_path(name, d):
     """'tiny' (the embedded tiny model, built once), a hub name, a local model dir, or a run dir (its latest)."""
     if name == "tiny":
         return tiny.ensure_model(d, log=print if d.master_process else (lambda *a, **k: None))
-    local = resolve_latest(os.path.expanduser(name))
+    local = os.path.expanduser(name)
     if os.path.isdir(local):
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise FileNotFoundError(f"{local!r} is not a model or checkpoint directory (no config.json)")
-        return local
-    # Not a directory: a hub name ('owner/name') unless it is clearly a local path that does not exist.
-    first = local.split(os.sep, 1)[0]
-    if local.startswith((os.sep, ".")) or local.count("/") > 1 or os.path.isdir(first):
-        where = f" (its `latest` names {local!r})" if local != os.path.expanduser(name) else ""
-        raise FileNotFoundError(f"checkpoint or model directory {name!r} does not exist{where}")
-    return name
+        ckpt = resolve_latest(local)
+        if ckpt == local and (_run_files(local) or os.path.isfile(os.path.join(local, "metrics.jsonl"))):
+            raise UserError(f"{name} is a run dir with no `latest` checkpoint yet: give one of its ckpt-* dirs, "
+                            "or wait for the run's first save")
+        if not os.path.isfile(os.path.join(ckpt, "config.json")):
+            where = f" (its `latest` names {ckpt})" if ckpt != local else ""
+            raise UserError(f"{name}{where} is not a model or checkpoint dir: it has no config.json")
+        return ckpt
+    if _looks_local(local):
+        raise UserError(f"model or checkpoint directory {name} does not exist")
+    return name  # a hub name, 'owner/name'
+
+
+def _looks_local(path):
+    """True for a path that cannot be a hub name: absolute, relative with ./, deeper than owner/name, or under a dir."""
+    return path.startswith((os.sep, ".")) or path.count("/") > 1 or os.path.isdir(path.split(os.sep, 1)[0])
 
 
 def load_model(path, device, dtype=torch.float32):
@@ -305,11 +306,10 @@ def load_model(path, device, dtype=torch.float32):
     would round them away; forward and backward run under bf16 autocast on GPU.
     """
     from transformers import AutoModelForCausalLM
-    _check_model_path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **_dtype_kwarg(dtype))
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load model {path!r} (not a local dir, and not on the hub or no network): {e}") from e
+    except Exception as e:  # missing or damaged weights (safetensors, pickle, json) each raise their own type
+        raise _load_error("model", path, e) from None
     return model.to(device).eval()
 
 
@@ -389,10 +389,8 @@ class Rollout:
     def select(self, rows):
         """The rows `rows` (1-D indices), on this rollout's device."""
         idx = torch.as_tensor(rows).to(self.prompt_ids.device)
-        pick = lambda xs: None if xs is None else [xs[i] for i in idx.tolist()]  # noqa: E731
-        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
-                       self.completion_mask[idx], self.lengths[idx], self.truncated[idx], pick(self.texts),
-                       self.pad_id, pick(self.answers))
+        pick = lambda v: v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()] if isinstance(v, list) else v
+        return Rollout(**{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     @staticmethod
     def cat(rs, device):
@@ -597,7 +595,7 @@ class Logger:
             try:
                 import wandb
             except ImportError:
-                raise ImportError("--wandb_project was given but wandb is not installed: pip install wandb") from None
+                raise UserError("--wandb_project was given but wandb is not installed: pip install wandb") from None
             self.wandb = wandb.init(project=wandb_project, config=dataclasses.asdict(cfg))
 
     def log(self, step, metrics):
@@ -611,35 +609,108 @@ class Logger:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: Hugging Face weights + optimizer, step and RNG state; atomic via rename
+# checkpoints: Hugging Face weights + optimizer, step and RNG state; atomic via rename; one run per run dir
+
+# settings a resume may change: they steer logging and saving, not the trained numbers
+RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "num_steps", "eval_every", "eval_problems", "save_every",
+                     "wandb_project")
+
+
+def _run_files(run_dir):
+    """The work a run leaves in its dir: checkpoints (complete or not) and `latest`."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(x for x in os.listdir(run_dir)
+                  if re.fullmatch(r"ckpt-\d+(\.tmp|\.old)?", x) or x == "latest")
+
+
+def _read_run_config(ckpt):
+    """The run_config.json of a checkpoint: {'config', 'run_id', 'step'}; a damaged file is a UserError."""
+    path = os.path.join(ckpt, "run_config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read the checkpoint's settings ({e}); resume from another ckpt-* dir") from None
+
+
+def start_run(cfg, d):
+    """Check the run dir and the resume point before anything is loaded; the checkpoint to resume ("" = fresh).
+
+    A fresh run refuses a run_dir that holds another run's files (resume it, pick another dir, or pass
+    --overwrite, which deletes them). --resume refuses a checkpoint saved with other settings and lists
+    them; num_steps may grow. The run's id, kept in run_dir/run_id, tags its checkpoints.
+    """
+    ckpt, run_id = "", None
+    if cfg.resume:
+        ckpt = find_checkpoint(cfg.resume)
+        saved = _read_run_config(ckpt)
+        now = dataclasses.asdict(cfg)
+        diff = [f"--{k}={now[k]!r} (saved: {v!r})" for k, v in saved["config"].items()
+                if k in now and k not in RESUME_MAY_CHANGE and now[k] != v]
+        if diff:
+            raise UserError(f"{ckpt} was saved with other settings; resume with the saved ones, or start a new run: "
+                            + "; ".join(diff))
+        if saved["step"] >= cfg.num_steps:
+            raise UserError(f"{ckpt} is at step {saved['step']} and --num_steps={cfg.num_steps}: nothing to do; "
+                            "raise --num_steps to train further")
+        run_id = saved["run_id"]
+    theirs, id_file = _run_files(cfg.run_dir), os.path.join(cfg.run_dir, "run_id")
+    if theirs and not (os.path.isfile(id_file) and open(id_file).read().strip() == run_id):  # another run's work
+        if not cfg.overwrite:
+            raise UserError(f"run_dir {cfg.run_dir} already holds another run ({', '.join(theirs[:4])}): resume it "
+                            f"with --resume={cfg.run_dir}, pick another --run_dir, or pass --overwrite to delete it")
+        for x in theirs + ["metrics.jsonl"] if d.master_process else []:
+            path = os.path.join(cfg.run_dir, x)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    if run_id is None:  # a fresh run: a new id, the same on every rank
+        run_id = all_gather_objects(os.urandom(8).hex(), d)[0]
+    if d.master_process:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(id_file, "w") as f:
+            f.write(run_id)
+    if d.ddp:
+        dist.barrier()
+    return ckpt
 
 
 def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=None):
     """Write run_dir/ckpt-{step} (HF format + trainer state, `extra` values a trainer measured) atomically;
-    keep the last `keep`."""
+    keep this run's last `keep` checkpoints. At every instant `latest` names a complete checkpoint."""
     final = os.path.join(run_dir, f"ckpt-{step:06d}")
-    tmp = final + ".tmp"
+    tmp, old = final + ".tmp", final + ".old"
+    with open(os.path.join(run_dir, "run_id")) as f:
+        run_id = f.read().strip()
     if d.master_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     if d.ddp:
         dist.barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{d.rank}.pt"))
+    if d.ddp:
+        dist.barrier()
     if d.master_process:
         lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                     "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
-    if d.ddp:
-        dist.barrier()
-    if d.master_process:
-        shutil.rmtree(final, ignore_errors=True)
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:  # written last: tmp is complete
+            json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step}, f, indent=1)
+        if os.path.isdir(final):  # a re-save: renames only, and resolve_latest falls back to the complete tmp
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         with open(os.path.join(run_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(run_dir, "latest.tmp"), os.path.join(run_dir, "latest"))
-        old = sorted(x for x in os.listdir(run_dir) if re.fullmatch(r"ckpt-\d+", x))[:-keep]
-        for x in old:
+        shutil.rmtree(old, ignore_errors=True)
+        ours = [x for x in sorted(os.listdir(run_dir)) if re.fullmatch(r"ckpt-\d+", x)
+                and os.path.isfile(os.path.join(run_dir, x, "run_config.json"))
+                and _read_run_config(os.path.join(run_dir, x))["run_id"] == run_id]
+        for x in ours[:-keep]:  # only this run's checkpoints are ever deleted
             shutil.rmtree(os.path.join(run_dir, x))
     if d.ddp:
         dist.barrier()
@@ -647,29 +718,44 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
 
 
 def resolve_latest(path):
-    """The checkpoint a run dir's `latest` file names; any other path unchanged."""
+    """The checkpoint a run dir's `latest` file names (or its complete .tmp copy after a crash mid-re-save);
+    any other path unchanged."""
     latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
-    return path
+    if not os.path.isfile(latest):
+        return path
+    with open(latest) as f:
+        named = os.path.join(path, f.read().strip())
+    if not os.path.isdir(named) and os.path.isfile(os.path.join(named + ".tmp", "run_config.json")):
+        return named + ".tmp"
+    return named
 
 
 def find_checkpoint(path):
-    """A checkpoint dir, or a run dir whose `latest` file names one; raise if neither exists."""
-    path = resolve_latest(os.path.expanduser(path))
-    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
-        raise FileNotFoundError(f"no checkpoint at {path!r} (expected trainer_state.pt, or a run dir with 'latest')")
-    return path
+    """A checkpoint dir, or a run dir whose `latest` file names one; a UserError if neither exists."""
+    ckpt = resolve_latest(os.path.expanduser(path))
+    if not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
+        where = f" (its `latest` names {ckpt})" if ckpt != os.path.expanduser(path) else ""
+        raise UserError(f"no checkpoint at {path}{where}: --resume takes a ckpt-* dir or a run dir with a `latest` file")
+    return ckpt
+
+
+def _load(path):
+    """torch.load of a checkpoint file, on the CPU; a missing or damaged file is a UserError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file raises whatever its unpickler meets
+        raise UserError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: {str(e)[:120]}); "
+                        "resume from another ckpt-* dir") from None
 
 
 def load_trainer_state(ckpt, optimizer, d):
     """Restore optimizer and this rank's RNG state from ckpt; returns the saved state (step, config, extra)."""
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    state = _load(os.path.join(ckpt, "trainer_state.pt"))
     if state["world_size"] != d.world_size:
-        raise ValueError(f"checkpoint was written by {state['world_size']} ranks, resuming with {d.world_size}")
+        raise UserError(f"{ckpt} was written by {state['world_size']} processes; resume it with as many "
+                        f"(torchrun --nproc_per_node={state['world_size']}), not {d.world_size}")
     optimizer.load_state_dict(state.pop("optimizer"))
-    set_rng_state(torch.load(os.path.join(ckpt, f"rng_rank{d.rank}.pt"), weights_only=False))
+    set_rng_state(_load(os.path.join(ckpt, f"rng_rank{d.rank}.pt")))
     return state
 
 

@@ -68,10 +68,8 @@ def run_all(cfg, algos):
             algo, seed = todo.pop(0)
             run_dir = os.path.join(cfg.out_dir, f"{algo}-s{seed}")
             os.makedirs(run_dir, exist_ok=True)
-            if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-                os.remove(os.path.join(run_dir, "metrics.jsonl"))  # a fresh log, not appended to an old one
             cmd = [sys.executable, os.path.join(ROOT, f"{algo}.py"), "--tiny", f"--seed={seed}",
-                   f"--run_dir={run_dir}", *cfg.extra.split()]
+                   f"--run_dir={run_dir}", "--overwrite", *cfg.extra.split()]  # a fresh run each time
             log = open(os.path.join(run_dir, "stdout.log"), "w")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
                             run_dir, time.time(), log))

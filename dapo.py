@@ -149,7 +149,7 @@ def signed_correctness(completion, answer):  # [DAPO] eq. 7
 
 def overlong_penalty(lengths, max_len, cache_len):  # [DAPO] the soft overlong punishment, eq. 13
     """R_length(|y|): 0 up to L_max - L_cache tokens, a linear ramp to -1 at L_max, -1 beyond; (B,) -> (B,)."""
-    y = lengths.float()
+    y = lengths if lengths.is_floating_point() else lengths.float()
     ramp = ((max_len - cache_len) - y) / cache_len
     return torch.where(y <= max_len - cache_len, 0.0, torch.where(y <= max_len, ramp, -1.0))
 
@@ -188,9 +188,10 @@ def main():
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
 
-    # policy (fp32 master weights), reference model, tokenizer, optimizer
+    # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
+    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
     path = common.model_path(cfg.model, d)
-    ckpt = common.find_checkpoint(cfg.resume) if cfg.resume else ""
     tok = common.load_tokenizer(path)
     raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
@@ -199,8 +200,7 @@ def main():
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
 
-    # data, rewards, logging
-    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
+    # rewards and logging
     reward_fns = [(1.0, signed_correctness), (cfg.format_weight, gsm8k.format_reward)]  # [DAPO] ±1 (eq. 7)
     logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
@@ -229,7 +229,7 @@ def main():
             idx = common.prompt_indices(len(train), slot, cfg.batch_prompts, cfg.seed)[:n_round][d.rank::d.world_size]
 
             # 2. rollout: G completions per prompt from π_old (the current policy)
-            r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
+            r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)  # [DAPO] each round
 
             # 3. rewards: ±1 correctness + format + the soft overlong punishment (eq. 13), then the filter
             penalty = overlong_penalty(r.lengths, cfg.max_new_tokens, cfg.overlong_cache)

@@ -66,17 +66,17 @@ TINY = dict(model="tiny", data_path="tiny", max_new_tokens=32, system_prompt="",
 def check_config(cfg):
     """Raise on settings that would evaluate nothing or make no sense, before anything is loaded."""
     if not cfg.model:
-        raise ValueError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
+        raise common.UserError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
     if cfg.limit == 0 or cfg.limit < -1:
-        raise ValueError(f"--limit={cfg.limit} evaluates no problems: give a positive number, or -1 for all")
+        raise common.UserError(f"--limit={cfg.limit} evaluates no problems: give a positive number, or -1 for all")
     if cfg.num_samples < 1:
-        raise ValueError(f"--num_samples={cfg.num_samples}: need at least 1 sample per problem")
+        raise common.UserError(f"--num_samples={cfg.num_samples}: need at least 1 sample per problem")
     if cfg.num_samples > 1 and cfg.temperature <= 0:
-        raise ValueError(f"--num_samples={cfg.num_samples} needs --temperature > 0 (greedy samples are identical)")
+        raise common.UserError(f"--num_samples={cfg.num_samples} needs --temperature > 0 (greedy samples are identical)")
     if not 0 < cfg.top_p <= 1:
-        raise ValueError(f"--top_p={cfg.top_p} must be in (0, 1]")
+        raise common.UserError(f"--top_p={cfg.top_p} must be in (0, 1]")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise ValueError("--batch_size and --max_new_tokens must be positive")
+        raise common.UserError("--batch_size and --max_new_tokens must be positive")
     parse_ks(cfg.ks, cfg.num_samples)
 
 
@@ -87,9 +87,9 @@ def parse_ks(text, n):
     try:
         ks = sorted({int(k) for k in text.split(",")})
     except ValueError:
-        raise ValueError(f"--ks={text!r} must be comma-separated integers, e.g. --ks=1,4,16") from None
+        raise common.UserError(f"--ks={text!r} must be comma-separated integers, e.g. --ks=1,4,16") from None
     if any(not 1 <= k <= n for k in ks):
-        raise ValueError(f"--ks={text!r}: every k of pass@k must be in 1..n={n}")
+        raise common.UserError(f"--ks={text!r}: every k of pass@k must be in 1..n={n}")
     return ks
 
 

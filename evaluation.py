@@ -109,7 +109,7 @@ def evaluate(model, tok, problems, d, max_new_tokens, batch_size=64, system_prom
     Returns summarize_eval's dict (strict, lenient, format, n, ...); with return_predictions=True, the
     tuple (metrics, records) with one record per problem in problem order, the same on every rank.
     batch_size counts completions per generate call, so a batch holds batch_size // n problems.
-    fast=True generates with fast_generate (static KV cache) instead of Hugging Face generate.
+    fast=True generates with decoder.fast_decode (static KV cache) instead of Hugging Face generate.
     """
     if not problems:
         raise ValueError("evaluate: no problems to evaluate")

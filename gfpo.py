@@ -173,17 +173,20 @@ def main():
     cfg = common.parse_config(Config, tiny=TINY)
     d = common.setup_distributed()
     B = common.completions_per_rank(cfg, d)  # this rank's prompts x G
-    keeps = [int(k) for k in cfg.difficulty_keep.split(",")] if cfg.adaptive_difficulty else [cfg.keep]  # [GFPO]
-    if not all(2 <= k <= cfg.group_size for k in keeps) or B // cfg.group_size * min(keeps) < cfg.num_minibatches:
-        raise common.UserError(f"keep / difficulty_keep {keeps}: each k in 2..group_size={cfg.group_size}, and at least "
-                         f"num_minibatches={cfg.num_minibatches} retained completions per rank")  # [GFPO]
+    given = cfg.difficulty_keep if cfg.adaptive_difficulty else str(cfg.keep)  # [GFPO] one k, or four per bucket
+    keeps = [int(k) if k.strip().isdigit() else 0 for k in given.split(",")]
+    if len(keeps) != (4 if cfg.adaptive_difficulty else 1) or not all(2 <= k <= cfg.group_size for k in keeps) \
+            or B // cfg.group_size * min(keeps) < cfg.num_minibatches:
+        raise common.UserError(f"--keep / --difficulty_keep={given}: one k, or 4 (easy, medium, hard, very hard), each "
+                               f"in 2..group_size={cfg.group_size}, and >= num_minibatches retained per rank")  # [GFPO]
     history, warned = [], False  # [GFPO] adaptive difficulty: recent per-prompt mean rewards of all ranks
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
 
-    # policy (fp32 master weights), reference model, tokenizer, optimizer
+    # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
+    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
     path = common.model_path(cfg.model, d)
-    ckpt = common.find_checkpoint(cfg.resume) if cfg.resume else ""
     tok = common.load_tokenizer(path)
     raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
@@ -192,8 +195,7 @@ def main():
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
 
-    # data, rewards, logging
-    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
+    # rewards and logging
     reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
     logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 

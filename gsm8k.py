@@ -1,13 +1,16 @@
 """
 gsm8k.py: the GSM8K task, as nanochat keeps tasks/gsm8k.py: loading, prompts, answers, rewards.
 
-    load_gsm8k, check_problems      problems [{question, answer}] from local jsonl or the hub
+    load_gsm8k, read_jsonl,         problems [{question, answer}] from local jsonl or the hub, every
+    check_problems, DataError       row checked; a bad file is one line naming file:line and the fix
     build_prompt                    the chat-templated prompt of one question
-    parse_number, extract_answer,   the number after the last '####' (strict) or the last number
-    extract_last_number             anywhere (lenient), as exact Fractions
+    Number, parse_number,           numbers read exactly in linear time: the first after the last '####'
+    extract_answer,                 (strict), the last anywhere (lenient); what cannot be read exactly is
+    extract_last_number             no match, never a different number
     correctness_reward,             the reward terms: '####' answer right, last line well formed,
     format_reward, lenient_correct  last number right
 """
+import json
 import os
 import re
 from fractions import Fraction
@@ -16,37 +19,62 @@ SYSTEM_PROMPT = ("Solve the math problem step by step. "
                  "On the last line write the final answer as '#### <number>'.")
 GSM8K_HUB = "openai/gsm8k"
 
+class DataError(ValueError):
+    """A missing, unreadable or malformed data file: one line naming the file, the line and the fix."""
+
+
 # -----------------------------------------------------------------------------
 # data
 
 
 def load_gsm8k(split, data_path=""):
-    """GSM8K problems [{question, answer}] from local jsonl (`data_path` file or dir) or the hub."""
-    from datasets import load_dataset  # imported here: only data loading needs `datasets`
-    if data_path:
-        path = os.path.expanduser(data_path)
-        if os.path.isdir(path):
-            path = os.path.join(path, f"{split}.jsonl")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"GSM8K {split} file {path!r} does not exist")
-        if not open(path).read().strip():
-            raise ValueError(f"dataset {path!r} is empty")
-        ds = load_dataset("json", data_files=path, split="train")
-    else:
-        ds = load_dataset(GSM8K_HUB, "main", split=split)
-    return check_problems([dict(row) for row in ds], source=data_path or GSM8K_HUB)
+    """GSM8K problems [{question, answer}] from a local jsonl file, a dir with <split>.jsonl, or the hub."""
+    if not data_path:
+        from datasets import load_dataset  # imported here: only the hub needs `datasets`
+        rows = load_dataset(GSM8K_HUB, "main", split=split)
+        return check_problems([(f"{GSM8K_HUB} {split} row {i}", dict(r)) for i, r in enumerate(rows, 1)], GSM8K_HUB)
+    path = os.path.expanduser(data_path)
+    if os.path.isdir(path):
+        path = os.path.join(path, f"{split}.jsonl")
+    if not os.path.isfile(path):
+        raise DataError(f"GSM8K {split} file {path} does not exist: give a jsonl file, or a dir with {split}.jsonl")
+    return check_problems(read_jsonl(path), path)
+
+
+def read_jsonl(path):
+    """[(where, row)] of the non-blank lines of a jsonl file, where = 'file:line' (1-based)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be one "
+                                    "JSON object such as {\"question\": \"...\", \"answer\": \"... #### 18\"}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+    return rows
 
 
 def check_problems(rows, source):
-    """Raise on an empty dataset or a row without a question and a '#### answer'."""
+    """The problems of [(where, row)], each checked: a JSON object with string 'question' and 'answer', the
+    answer ending in a readable '#### <number>'. Raises DataError naming the row and what is wrong."""
     if not rows:
-        raise ValueError(f"dataset {source!r} is empty")
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-            raise ValueError(f"dataset {source!r} row {i} needs string fields 'question' and 'answer', got {sorted(row)}")
+        raise DataError(f"{source} holds no problems (it is empty)")
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object with 'question' and 'answer', got {type(row).__name__}")
+        for key in ("question", "answer"):
+            if key not in row:
+                raise DataError(f"{where}: no {key!r} field (it has {', '.join(map(repr, row)) or 'none'})")
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__} {row[key]!r:.40}")
         if extract_answer(row["answer"]) is None:
-            raise ValueError(f"dataset {source!r} row {i}: answer has no '#### <number>' line: {row['answer'][-80:]!r}")
-    return rows
+            raise DataError(f"{where}: the answer has no readable '#### <number>' line: ...{row['answer'][-60:]!r}")
+    return [row for _, row in rows]
 
 
 def build_prompt(tok, question, system_prompt=SYSTEM_PROMPT):
@@ -57,39 +85,171 @@ def build_prompt(tok, question, system_prompt=SYSTEM_PROMPT):
 
 
 # -----------------------------------------------------------------------------
-# answers: GSM8K answer extraction and exact numeric comparison
+# answers: exact numbers, read in linear time; a number that cannot be read exactly is no number
+#
+# The grammar: an optional sign ('-' or the Unicode minus U+2212), an optional '$' and one space, then
+# a decimal with ASCII digits (thousands commas in groups of three, a decimal point, an exponent such
+# as 1e5 or 2.5e3), or a fraction 3/4, or a mixed number 3 1/2. Every part allows at most one space,
+# so no match can run over a whitespace run: each reader below is linear in the text's length.
+# Anything a careful grader could read two ways is no match, never a different number: a number
+# glued to more digits by spaces or invisible characters ('1 234', '1\u200b234'), badly grouped
+# commas ('12,34'), a version-like '1.5.3', non-ASCII digits (Arabic-Indic, full-width).
 
-_NUM = r"-?\$?\s*\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d[\d,]*)?|-?\$?\s*\.\d+"
+# Each pattern consumes a whole run of digits before it branches, so a failing branch never re-scans the run.
+_EXP, _GROUPS = r"(?:[eE][-+]?\d+)?", r"(?:,\d+)*"
+_TOKEN = re.compile(r"(?P<sign>[-\u2212])?\$? ?(?:(?P<first>\d+)(?: (?P<num>\d+) ?/ ?(?P<den>\d+)"
+                    r"|(?P<rest>" + _GROUPS + r"(?:\.\d+)?" + _EXP + r"))|(?P<point>\.\d+" + _EXP + r"))"
+                    r"(?: ?/ ?(?P<div>\d+" + _GROUPS + r"))?")
+_DIGIT = re.compile(r"\d")  # a one-character class: re scans for it in C, so finding a number is linear
+_RMANT = r"(?:\.(?:\d+" + _GROUPS + r")?|" + _GROUPS + r")"  # the rest of a mantissa, read backwards
+_RDEC = r"(?:[-+]?[eE]\d+" + _RMANT + r"|" + _RMANT + r")"    # the rest of a decimal, read backwards
+_RTOKEN = re.compile(r"\d+(?: ?/ ?\d+ \d+|" + _GROUPS + r" ?/ ?\d+" + _RDEC + r"|" + _RDEC + r") ?\$?[-\u2212]?")
+_BLANK = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+          "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"  # every character str.isspace() accepts
+          "\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff")  # and invisible ones
+_SKIP = re.compile("[" + _BLANK + "]*")
+_MAX_DIGITS = 4000  # fractions are computed exactly only below this size (decimals have no limit)
+
+
+class Number:
+    """An exactly read number. A terminating decimal is kept as (sign, significant digits, power of
+    ten), never converted to an int, so equal million-digit answers compare equal in linear time; any
+    other rational is a Fraction. Numbers compare equal to equal Numbers, ints and Fractions."""
+
+    def __init__(self, key):
+        self.key = key  # ("dec", negative, digits, exponent) or ("frac", Fraction)
+
+    @staticmethod
+    def of(x):
+        """The Number of an int or a Fraction (a terminating one becomes a decimal key)."""
+        x = Fraction(x)
+        q, twos, fives = x.denominator, 0, 0
+        while q % 2 == 0:
+            q, twos = q // 2, twos + 1
+        while q % 5 == 0:
+            q, fives = q // 5, fives + 1
+        if q != 1:
+            return Number(("frac", x))
+        k = max(twos, fives)
+        return Number.decimal(x < 0, str(abs(x.numerator) * 10 ** k // x.denominator), -k)
+
+    @staticmethod
+    def decimal(negative, digits, exponent):
+        """sign * int(digits) * 10**exponent, with leading and trailing zeros moved out of the digits."""
+        digits = digits.lstrip("0")
+        trimmed = digits.rstrip("0")
+        if not trimmed:
+            return Number(("dec", False, "", 0))
+        return Number(("dec", negative, trimmed, exponent + len(digits) - len(trimmed)))
+
+    def fraction(self):
+        """The value as a Fraction, or None when it is too large to build cheaply."""
+        if self.key[0] == "frac":
+            return self.key[1]
+        _, negative, digits, exp = self.key
+        if len(digits) + abs(exp) > _MAX_DIGITS:
+            return None
+        value = Fraction(int(digits or "0")) * Fraction(10) ** exp
+        return -value if negative else value
+
+    def __eq__(self, other):
+        if isinstance(other, (int, Fraction)) and not isinstance(other, bool):
+            other = Number.of(other)
+        return isinstance(other, Number) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __repr__(self):
+        return f"Number({self})"
+
+    def __str__(self):
+        """'18', '-3', '5/2', '1/3' as a Fraction prints; very long decimals in scientific notation."""
+        if self.key[0] == "dec" and len(self.key[2]) + abs(self.key[3]) > 60:
+            _, negative, digits, exp = self.key
+            return f"{'-' if negative else ''}{digits[0]}.{digits[1:] or '0'}e{exp + len(digits) - 1:+d}"
+        return str(self.fraction())
+
+
+def _read(m, text):
+    """The Number a _TOKEN match reads exactly, or None (bad grouping, non-ASCII digits, ambiguity)."""
+    body = m.group(0)
+    if not body.isascii() and any(c.isdigit() and not c.isascii() for c in body):
+        return None  # \d also matches Arabic-Indic and full-width digits; those are not read
+    after = _SKIP.match(text, m.end()).end()
+    if after < len(text) and (text[after].isdigit() or (text[after] in ".,/" and text[after + 1:after + 2].isdigit())):
+        return None  # '1 234', '1\u200b234', '1.5.3', '3/4/5': more number follows
+    before = text[:m.start()].rstrip(_BLANK)[-2:]
+    if before[-1:].isdigit() or (before[-1:] in (".", ",", "/") and before[:1].isdigit()):
+        return None  # '1 234' read from its second group
+    negative = m.group("sign") is not None
+    if m.group("num") is not None:  # a mixed number a b/c, with b < c
+        whole, num, den = (int(m.group(k)) if len(m.group(k)) <= _MAX_DIGITS else None for k in ("first", "num", "den"))
+        if None in (whole, num, den) or not 0 < num < den or m.group("div") is not None:
+            return None
+        value = whole + Fraction(num, den)
+        return Number.of(-value if negative else value)
+    dec = m.group("point") or m.group("first") + m.group("rest")
+    mant, _, exp = dec.lower().partition("e")
+    intpart, _, fracpart = mant.partition(".")
+    groups = intpart.split(",")
+    if len(groups) > 1 and (not 1 <= len(groups[0]) <= 3 or any(len(g) != 3 for g in groups[1:])):
+        return None  # commas must group thousands: '1,234', not '12,34'
+    if len(exp) > 6:
+        return None
+    value = Number.decimal(negative, "".join(groups) + fracpart, int(exp or 0) - len(fracpart))
+    if m.group("div") is None:
+        return value
+    div = m.group("div").replace(",", "")
+    top = value.fraction()
+    if top is None or len(div) > _MAX_DIGITS or int(div) == 0:
+        return None
+    return Number.of(top / int(div))
 
 
 def parse_number(text):
-    """'$1,234.50', '-3', '3/4', '.5' -> exact Fraction, or None if `text` holds no number."""
-    if text is None:
+    """The first number in `text`, read exactly (see the grammar above), or None."""
+    d = _DIGIT.search(text)
+    if d is None:
         return None
-    m = re.search(_NUM, text)
-    if m is None:
-        return None
-    s = m.group(0).replace("$", "").replace(",", "").replace(" ", "")
-    try:
-        if "/" in s:
-            num, den = s.split("/")
-            return None if Fraction(den) == 0 else Fraction(num) / Fraction(den)
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
+    p = d.start()  # a token starts at most 4 characters before its first digit ('-$ .5')
+    m = next(m for s in range(max(0, p - 4), p + 1) if (m := _TOKEN.match(text, s)) and m.end() > p)
+    return _read(m, text)
+
+
+def reference_answer(answer):
+    """The reference's number: after its last '####', or the whole string if it is one bare number; else an error."""
+    if not isinstance(answer, str):
+        raise TypeError(f"a reference answer must be a string, got {type(answer).__name__}: {answer!r:.80}")
+    value = extract_answer(answer) if "####" in answer else None
+    if value is None and "####" not in answer:
+        m = _TOKEN.fullmatch(answer.strip())
+        value = _read(m, answer.strip()) if m else None
+    if value is None:
+        raise ValueError(f"reference answer {answer[-80:]!r} has no readable '#### <number>' line")
+    return value
 
 
 def extract_answer(text):
-    """Strict: the number after the last '####', as a Fraction (None if absent)."""
+    """Strict: the first number after the last '####' (None if absent or unreadable)."""
+    if not isinstance(text, str):
+        raise TypeError(f"a completion must be a string, got {type(text).__name__}")
     if "####" not in text:
         return None
     return parse_number(text.rsplit("####", 1)[1])
 
 
 def extract_last_number(text):
-    """Lenient: the last number anywhere in the text, as a Fraction (None if there is none)."""
-    found = re.findall(_NUM, text)
-    return parse_number(found[-1]) if found else None
+    """Lenient: the last number anywhere in the text (None if there is none, or it is unreadable)."""
+    if not isinstance(text, str):
+        raise TypeError(f"a completion must be a string, got {type(text).__name__}")
+    rev = text[::-1]  # the last number is the first one of the reversed text
+    d = _DIGIT.search(rev)
+    if d is None:
+        return None
+    start, end = len(text) - _RTOKEN.match(rev, d.start()).end(), len(text) - d.start()
+    m = _TOKEN.match(text, start)
+    return _read(m, text) if m is not None and m.end() == end else None
 
 
 # -----------------------------------------------------------------------------
@@ -97,18 +257,25 @@ def extract_last_number(text):
 
 
 def correctness_reward(completion, answer):
-    """1.0 if the '####' answer of the completion equals the reference answer numerically."""
-    pred, ref = extract_answer(completion), extract_answer(answer)
-    return float(pred is not None and ref is not None and pred == ref)
+    """1.0 if the '####' answer of the completion equals the reference answer exactly."""
+    ref = reference_answer(answer)
+    return float(extract_answer(completion) == ref)
 
 
 def format_reward(completion, answer=None):
-    """1.0 if the completion's last non-empty line is exactly '#### <number>'."""
-    lines = [l.strip() for l in completion.strip().splitlines() if l.strip()]
-    return float(bool(lines) and re.fullmatch(r"####\s*(" + _NUM + r")", lines[-1]) is not None)
+    """1.0 if the completion's last non-empty line is exactly '#### <number>', a number read exactly."""
+    if not isinstance(completion, str):
+        raise TypeError(f"a completion must be a string, got {type(completion).__name__}")
+    stripped = completion.rstrip()
+    line = stripped[stripped.rfind("\n") + 1:].strip()
+    if not line.startswith("####"):
+        return 0.0
+    rest = line[4:].lstrip()
+    m = _TOKEN.fullmatch(rest)
+    return float(m is not None and _read(m, rest) is not None)
 
 
 def lenient_correct(completion, answer):
     """1.0 if the last number in the completion equals the reference answer (any format)."""
-    pred, ref = extract_last_number(completion), extract_answer(answer)
-    return float(pred is not None and ref is not None and pred == ref)
+    ref = reference_answer(answer)
+    return float(extract_last_number(completion) == ref)

@@ -198,9 +198,10 @@ def main():
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
 
-    # policy (fp32 master weights), reference model, tokenizer, optimizer
+    # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
+    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
     path = common.model_path(cfg.model, d)
-    ckpt = common.find_checkpoint(cfg.resume) if cfg.resume else ""
     tok = common.load_tokenizer(path)
     raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
@@ -208,10 +209,10 @@ def main():
     ref = common.reference_model(path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     state = common.load_trainer_state(ckpt, optimizer, d) if ckpt else {"step": 0, "extra": {}}  # [GTPO]
-    start_step, h_ini, ent_history = state["step"], state["extra"].get("ent_initial", cfg.ent_initial), []  # [GTPO]
+    h_ini, ent_history = state["extra"].get("ent_initial", cfg.ent_initial), state["extra"].get("ent_history", [])  # [GTPO]
+    start_step = state["step"]
 
-    # data, rewards, logging
-    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
+    # rewards and logging
     reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
     logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
@@ -297,7 +298,7 @@ def main():
         logger.log(done, metrics)
         if done % cfg.save_every == 0 or done == cfg.num_steps:
             common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d,
-                                   extra={"ent_initial": h_ini})  # [GTPO] the measured ⟨H⟩_ini survives a resume
+                                   extra={"ent_initial": h_ini, "ent_history": ent_history})  # [GTPO] for a resume
 
     if start_step < cfg.num_steps:
         log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")

@@ -14,7 +14,6 @@ Launch:
     python sample.py --model=runs/grpo --prompt="What is 12 * 7 - 5?"
     python sample.py --model=Qwen/Qwen2.5-1.5B-Instruct --prompt_file=questions.txt --num_samples=2 --temperature=0.7
 """
-import json
 import os
 from dataclasses import dataclass
 
@@ -50,34 +49,33 @@ def read_prompt_file(path):
     """[{question, answer or None}] from a text file (one question per line) or a .jsonl file; raise if empty."""
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist")
-    lines = [l.strip() for l in open(path, encoding="utf-8") if l.strip()]
-    if not lines:
-        raise ValueError(f"prompt file {path!r} has no prompts (it is empty or only blank lines)")
+        raise common.UserError(f"prompt file {path} does not exist")
     if not path.endswith(".jsonl"):
-        return [{"question": l, "answer": None} for l in lines]
-    rows = []
-    for i, l in enumerate(lines):
-        row = json.loads(l)
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-            raise ValueError(f"prompt file {path!r} line {i + 1} needs a string field 'question'")
-        answer = row.get("answer")
-        if answer is not None:  # a full GSM8K solution, or just the final number
-            answer = str(answer) if "####" in str(answer) else f"#### {answer}"
-        rows.append({"question": row["question"], "answer": answer})
+        rows = [{"question": l.strip(), "answer": None} for l in open(path, encoding="utf-8") if l.strip()]
+    else:
+        rows = []
+        for where, row in gsm8k.read_jsonl(path):  # where = 'file:line', 1-based, blank lines counted
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+                raise common.UserError(f"{where}: expected a JSON object with a string field 'question'")
+            answer = row.get("answer")
+            if answer is not None:  # a full GSM8K solution, or just the final number
+                answer = str(answer) if "####" in str(answer) else f"#### {answer}"
+            rows.append({"question": row["question"], "answer": answer})
+    if not rows:
+        raise common.UserError(f"prompt file {path} has no prompts (it is empty or only blank lines)")
     return rows
 
 
 def load_prompts(cfg):
     """The prompts to sample for: --prompt, else --prompt_file, else the first num_questions test questions."""
     if cfg.prompt and cfg.prompt_file:
-        raise ValueError("give either --prompt or --prompt_file, not both")
+        raise common.UserError("give either --prompt or --prompt_file, not both")
     if cfg.prompt:
         return [{"question": cfg.prompt, "answer": None}]
     if cfg.prompt_file:
         return read_prompt_file(cfg.prompt_file)
     if cfg.num_questions < 1:
-        raise ValueError(f"--num_questions={cfg.num_questions} selects no questions: give a positive number, "
+        raise common.UserError(f"--num_questions={cfg.num_questions} selects no questions: give a positive number, "
                          "or --prompt / --prompt_file")
     rows = tiny.dataset("test") if cfg.data_path == "tiny" else gsm8k.load_gsm8k("test", cfg.data_path)
     return rows[:cfg.num_questions]
@@ -97,10 +95,10 @@ def main(argv=None):
     cfg = common.parse_config(Config, argv, tiny=TINY)
     n = cfg.num_samples
     if n < 1 or (n > 1 and cfg.temperature <= 0):
-        raise ValueError(f"--num_samples={n}: need at least 1, and more than 1 needs --temperature > 0 "
+        raise common.UserError(f"--num_samples={n}: need at least 1, and more than 1 needs --temperature > 0 "
                          "(greedy samples are identical)")
     if not cfg.model:
-        raise ValueError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
+        raise common.UserError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
     prompts = load_prompts(cfg)  # prompt errors surface before any model is loaded
     d = common.Dist(False, 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True)
     model_path = common.model_path(cfg.model, d)

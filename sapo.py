@@ -154,9 +154,10 @@ def main():
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
 
-    # policy (fp32 master weights), reference model, tokenizer, optimizer
+    # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
+    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
     path = common.model_path(cfg.model, d)
-    ckpt = common.find_checkpoint(cfg.resume) if cfg.resume else ""
     tok = common.load_tokenizer(path)
     raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
@@ -165,8 +166,7 @@ def main():
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
 
-    # data, rewards, logging
-    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
+    # rewards and logging
     reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
     logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 

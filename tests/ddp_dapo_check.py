@@ -4,24 +4,23 @@
    rank batch_prompts / 2 groups (no hang), the first kept groups in global prompt order;
 2. one DAPO update (2 mini-batches = 2 optimizer steps, uneven micro-batches, stale old log-probs so
    the clip acts) under DDP, with very unequal token counts on the two ranks, equals the
-   single-process update on the whole batch; a per-rank token mean (the naive normaliser) does not;
-3. too few kept groups overall: both ranks raise the same clear error (no hang).
+   single-process update on the whole batch; a per-rank token mean (the naive normaliser) does not.
 Rank 0 writes the measurements to the JSON file named by argv[1]; test_dapo.py asserts on them.
+(Not conftest.ddp_setup: the ranks need rollouts of their own, and the model runs in float64.)
 """
-import copy
 import json
 import os
 import sys
 from contextlib import nullcontext
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import ddp_copies, ddp_finish, single_process  # noqa: E402
 import common  # noqa: E402
-import tiny  # noqa: E402
-import gsm8k  # noqa: E402
 import dapo  # noqa: E402
+import gsm8k  # noqa: E402
+import tiny  # noqa: E402
 
 G, BATCH_PROMPTS, MICRO, L_MAX, L_CACHE = 4, 4, 3, 24, 6
 # per rank, per group: correctness of the G completions, and the completion length range
@@ -54,12 +53,13 @@ def fake_round(tok, rank):
     for i, x in enumerate(rows):
         cids[i, :len(x)] = torch.tensor(x)
     r = common.make_rollout(tok, ids, mask, cids, [tok.eos_token_id])
+    r.answers = [p["answer"] for p in problems for _ in range(G)]
     correct = torch.tensor(CORRECT[rank], dtype=torch.float).view(-1)
     rewards = 2 * correct - 1 + dapo.overlong_penalty(r.lengths, L_MAX, L_CACHE)
     kept = dapo.keep_groups(correct, G).nonzero().view(-1)
     keys = kept * 2 + rank                     # round 0: position j * world_size + rank of the stream
     sel = (kept[:, None] * G + torch.arange(G)).view(-1)
-    return keys, dapo.select_rows(r, sel), rewards[sel]
+    return keys, r.select(sel), rewards[sel]
 
 
 def stale_old_logp(model, r):
@@ -70,9 +70,9 @@ def stale_old_logp(model, r):
     return logp + 0.4 * torch.sin(1.7 * r.completion_ids.double())
 
 
-def update(policy, raw, r, old_logp, advantages, minibatches, d, naive=False):
-    """Step 6 of dapo.main on fixed mini-batches (naive: per-rank token mean, DDP-averaged)."""
-    opt = torch.optim.AdamW(raw.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
+def update(policy, r, old_logp, advantages, minibatches, d, naive=False):
+    """Step 6 of dapo.main (β = 0) on fixed mini-batches (naive: per-rank token mean, DDP-averaged)."""
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
     mask = r.completion_mask
     for mb in minibatches:
         num_tokens = common.all_reduce_sum(mask[mb].sum().float(), d).clamp_min(1)
@@ -82,44 +82,43 @@ def update(policy, raw, r, old_logp, advantages, minibatches, d, naive=False):
             with sync:
                 logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix])
                 if naive:
-                    loss, _ = dapo.policy_loss(logp, old_logp[ix], advantages[ix], mask[ix], 0.2, 0.28,
+                    loss, _ = dapo.policy_loss(logp, old_logp[ix], None, advantages[ix], mask[ix], 0.2, 0.28, 0.0,
                                                mask[mb].sum())
                     loss.backward()
                 else:
-                    loss, _ = dapo.policy_loss(logp, old_logp[ix], advantages[ix], mask[ix], 0.2, 0.28, num_tokens)
+                    loss, _ = dapo.policy_loss(logp, old_logp[ix], None, advantages[ix], mask[ix], 0.2, 0.28, 0.0,
+                                               num_tokens)
                     (loss * d.world_size).backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return opt
 
 
 def main():
     out_path = sys.argv[1]
     d = common.setup_distributed()
     assert d.ddp and d.world_size == 2, "run me with torchrun --nproc_per_node=2"
-    single_d = common.Dist(False, 0, 0, 1, torch.device("cpu"), True)
-    tiny = tiny.ensure_model(d, log=lambda *a: None)
-    tok = common.load_tokenizer(tiny)
-    pad = tok.pad_token_id
+    path = tiny.ensure_model(d, log=lambda *a: None)
+    tok = common.load_tokenizer(path)
     res = {}
 
     # 1. dynamic sampling: rank 1 kept nothing, yet gets its share
     mine = fake_round(tok, d.rank)
     res[f"kept_own_rank{d.rank}"] = len(mine[0])
-    r, rewards = dapo.gather_kept_groups([mine], BATCH_PROMPTS, G, pad, d)
-    full, full_rewards = dapo.gather_kept_groups([fake_round(tok, 0), fake_round(tok, 1)], BATCH_PROMPTS, G, pad,
-                                                 single_d)  # what one process holds after the same rounds
+    r, rewards = dapo.gather_kept_groups([mine], BATCH_PROMPTS, G, d)
+    full, full_rewards = dapo.gather_kept_groups([fake_round(tok, 0), fake_round(tok, 1)], BATCH_PROMPTS, G,
+                                                 single_process())  # what one process holds after the same rounds
     mine_rows = torch.cat([torch.arange(g * G, (g + 1) * G) for g in range(d.rank, BATCH_PROMPTS, 2)])
     res[f"rows_rank{d.rank}"] = len(r.texts)
     res[f"tokens_rank{d.rank}"] = int(r.completion_mask.sum())
     res[f"share_matches_rank{d.rank}"] = (r.texts == [full.texts[i] for i in mine_rows.tolist()]
+                                          and r.answers == [full.answers[i] for i in mine_rows.tolist()]
                                           and torch.equal(rewards, full_rewards[mine_rows]))
 
     # 2. one DAPO update: DDP on the shares == one process on the whole batch
     # float64: Adam divides by sqrt(v) + 1e-8, which amplifies float32 rounding of near-zero gradients
     # (summed in a different order on 2 ranks) to ~1e-6 after a step; in float64 the match is ~1e-12
-    base = common.Policy(common.load_model(tiny, d.device, torch.float64))
+    base = common.Policy(common.load_model(path, d.device, torch.float64))
     old_logp, full_old_logp = stale_old_logp(base, r), stale_old_logp(base, full)
     adv, full_adv = dapo.group_advantages(rewards, G), dapo.group_advantages(full_rewards, G)
     half = len(r.texts) // 2
@@ -127,38 +126,27 @@ def main():
     # mini-batch k of one process = the union of mini-batch k of both ranks
     single_mbs = [torch.cat([torch.cat([torch.arange(g * G, (g + 1) * G) for g in range(rk, BATCH_PROMPTS, 2)])[mb]
                              for rk in range(2)]) for mb in local_mbs]
-    single = copy.deepcopy(base).train()
-    update(single, single, full, full_old_logp, full_adv, single_mbs, single_d)
-    ddp_raw = copy.deepcopy(base).train()
-    update(DDP(ddp_raw), ddp_raw, r, old_logp, adv, local_mbs, d)
-    naive_raw = copy.deepcopy(base).train()
-    update(DDP(naive_raw), naive_raw, r, old_logp, adv, local_mbs, d, naive=True)
-    common.check_replicas(ddp_raw, torch.optim.SGD(ddp_raw.parameters(), lr=0), d)
+    single, model = ddp_copies(base)
+    update(single, full, full_old_logp, full_adv, single_mbs, single_process())
+    update(model, r, old_logp, adv, local_mbs, d)
+    _, naive = ddp_copies(base)
+    update(naive, r, old_logp, adv, local_mbs, d, naive=True)
 
     def max_diff(a, b):
         return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
-    res.update(max_change=max_diff(single, base), ddp_vs_single=max_diff(ddp_raw, single),
-               naive_vs_single=max_diff(naive_raw, single))
+    res.update(max_change=max_diff(single, base), ddp_vs_single=max_diff(model.module, single),
+               naive_vs_single=max_diff(naive.module, single))
     with torch.no_grad():
         logp0, _ = base(full.prompt_ids, full.prompt_mask, full.completion_ids, full.completion_mask)
-        _, stats = dapo.policy_loss(logp0, full_old_logp, full_adv, full.completion_mask, 0.2, 0.28)
+        _, stats = dapo.policy_loss(logp0, full_old_logp, None, full_adv, full.completion_mask, 0.2, 0.28, 0.0,
+                                    full.completion_mask.sum())
     res["clip_frac_first_minibatch"] = (stats["clip_frac"][0] / stats["clip_frac"][1]).item()
 
-    # 3. too few kept groups over all ranks: both ranks raise the same error, nobody hangs
-    try:
-        dapo.gather_kept_groups([mine], 2 * BATCH_PROMPTS, G, pad, d)
-        res[f"error_rank{d.rank}"] = ""
-    except RuntimeError as e:
-        res[f"error_rank{d.rank}"] = str(e)
-
-    parts = [None, None]
-    torch.distributed.all_gather_object(parts, res)
+    parts = common.all_gather_objects(res, d)
     if d.master_process:
-        merged = {**parts[1], **parts[0]}
         with open(out_path, "w") as f:
-            json.dump(merged, f, indent=1)
-    print(f"rank {d.rank}: done")
-    common.cleanup_distributed(d)
+            json.dump({**parts[1], **parts[0]}, f, indent=1)
+    ddp_finish(d, base, single, model)  # also checks the replicas agree, and tears down
 
 
 if __name__ == "__main__":

@@ -1,26 +1,22 @@
-"""The README's "how X differs from GRPO" diff blocks match the files (python diffguide.py fixes them)."""
-import os
-
+"""The "how X differs from GRPO" diff blocks in docs/X.md match the files (python diffguide.py fixes them)."""
 import pytest
 
 import diffguide
-from conftest import ROOT
-
-
-def test_readme_diff_blocks_are_current():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    assert diffguide.render(readme) == readme, "README.md diff blocks are stale: run `python diffguide.py`"
 
 
 @pytest.mark.parametrize("name", diffguide.TRAINERS)
-def test_every_trainer_has_a_block(name):
-    if not os.path.exists(os.path.join(ROOT, name)):
-        pytest.skip(f"{name} not written yet")
-    assert f"<!-- diff:{name} begin -->" in open(os.path.join(ROOT, "README.md")).read()
+def test_docs_diff_block_is_current(name):
+    text = open(diffguide.doc_path(name)).read()
+    assert diffguide.render(text, name) == text, f"docs/{name[:-3]}.md diff block is stale: run `python diffguide.py`"
 
 
 def test_stale_block_is_detected():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    name = next(n for n in diffguide.TRAINERS if os.path.exists(os.path.join(ROOT, n)))
-    stale = readme.replace(f"<!-- diff:{name} begin -->\n", f"<!-- diff:{name} begin -->\nold text\n", 1)
-    assert diffguide.render(stale) != stale
+    name = diffguide.TRAINERS[0]
+    text = open(diffguide.doc_path(name)).read()
+    stale = text.replace(f"<!-- diff:{name} begin -->\n", f"<!-- diff:{name} begin -->\nold text\n", 1)
+    assert diffguide.render(stale, name) != stale
+
+
+def test_missing_block_is_an_error():
+    with pytest.raises(ValueError, match="no '<!-- diff:gspo.py begin/end -->' block"):
+        diffguide.render("# GSPO\nno block here\n", "gspo.py")

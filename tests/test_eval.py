@@ -248,28 +248,28 @@ def test_sample_prompt_sources_and_reward_line(tmp_path):
 
 def test_clear_errors(tmp_path):
     missing = str(tmp_path / "no-such-run" / "ckpt-000001")
-    with pytest.raises(ValueError, match=r"--limit=0 evaluates no problems"):
+    with pytest.raises(common.UserError, match=r"--limit=0 evaluates no problems"):
         eval_gsm8k.main(["--tiny", "--limit=0"])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(common.UserError, match="does not exist"):
         eval_gsm8k.main([f"--model={missing}", "--limit=1"])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(common.UserError, match="does not exist"):
         sample.main([f"--model={missing}", "--prompt=hi"])
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(common.UserError, match="temperature"):
         eval_gsm8k.main(["--tiny", "--num_samples=4"])
-    with pytest.raises(ValueError, match="every k"):
+    with pytest.raises(common.UserError, match="every k"):
         eval_gsm8k.main(["--tiny", "--num_samples=4", "--temperature=1", "--ks=1,8"])
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    with pytest.raises(ValueError, match="has no prompts"):
+    with pytest.raises(common.UserError, match="has no prompts"):
         sample.main(["--tiny", f"--prompt_file={empty}"])
-    with pytest.raises(FileNotFoundError, match="prompt file"):
+    with pytest.raises(common.UserError, match="prompt file"):
         sample.main(["--tiny", f"--prompt_file={tmp_path / 'nope.txt'}"])
-    with pytest.raises(ValueError, match="num_questions=0"):
+    with pytest.raises(common.UserError, match="num_questions=0"):
         sample.main(["--tiny", "--num_questions=0"])
     # model paths: relative paths that do not exist, a dir that holds no model, a run dir with `latest`
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(common.UserError, match="does not exist"):
         common.model_path("runs/no-such-run/ckpt-000001", single_process())
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(common.UserError, match="no config.json"):
         common.model_path(str(tmp_path), single_process())
     run_dir = tmp_path / "run"
     (run_dir / "ckpt-000002").mkdir(parents=True)
@@ -277,6 +277,6 @@ def test_clear_errors(tmp_path):
     (run_dir / "latest").write_text("ckpt-000002\n")
     assert common.model_path(str(run_dir), single_process()) == str(run_dir / "ckpt-000002")
     (run_dir / "latest").write_text("ckpt-000009")
-    with pytest.raises(FileNotFoundError, match="ckpt-000009"):
+    with pytest.raises(common.UserError, match="ckpt-000009"):
         common.model_path(str(run_dir), single_process())
     assert common.model_path("Qwen/Qwen2.5-1.5B-Instruct", single_process()) == "Qwen/Qwen2.5-1.5B-Instruct"

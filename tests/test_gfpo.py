@@ -4,34 +4,20 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import gfpo
 import grpo
-from conftest import run, torchrun
+from conftest import NEW, OLD, REF, ROOT, padded, run, toy, torchrun, value_and_dj
 
 # ALGORITHMS.md §5(i): G = 8, k = 4
 R8 = [1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
 L8 = [120, 300, 80, 200, 500, 90, 150, 60]
 GRADED = [0.9, 0.6, -0.5, 0.8, -1.0, 0.95, 0.7, -0.2]
-
-# The spec's shared toy batch (section 0.3): G = 4, rewards [1, 0, 0, 1].
-OLD = [[-1.0, -0.5], [-1.2, -0.8, -2.0], [-0.3], [-2.0, -1.0]]
-NEW = [[-0.9, -0.2], [-1.5, -0.8, -1.8], [-0.1], [-2.2, -0.7]]
-REF = [[-1.1, -0.4], [-1.0, -0.9, -2.1], [-0.4], [-2.1, -1.2]]
-
-
-def padded(rows, fill=0.0):
-    """Right-pad ragged rows into a (B, T) float64 tensor and its mask."""
-    T = max(len(r) for r in rows)
-    t = torch.full((len(rows), T), fill, dtype=torch.float64)
-    m = torch.zeros(len(rows), T, dtype=torch.float64)
-    for i, r in enumerate(rows):
-        t[i, :len(r)] = torch.tensor(r, dtype=torch.float64)
-        m[i, :len(r)] = 1
-    return t, m
 
 
 def filt(rewards, lengths, keep, G, metric):
@@ -80,11 +66,6 @@ def test_ties_go_to_the_lower_index():
     assert m.tolist() == [True, True, False, False]
 
 
-def test_unknown_metric_is_a_clear_error():
-    with pytest.raises(ValueError, match="filter_metric"):
-        gfpo.retain_mask(torch.zeros(4), torch.ones(4), 2, 4, "longest")
-
-
 def independent_filter(rewards, lengths, keeps, G, metric):
     """Filter + advantages with python loops, sorted() and statistics.pstdev."""
     retained, adv = [], []
@@ -119,19 +100,18 @@ def test_filter_against_independent_computation(seed, metric):
 # the token-level loss over the retained set
 
 
-def loss_and_grad(adv, retained, num_tokens=None, beta=0.0, rows=slice(None), new=NEW, old=OLD, ref=REF):
-    """GFPO loss on (rows of) the toy and dJ/dlogπ per token (the negated gradient of the loss)."""
-    new, mask = padded(new, fill=-7.0)  # pad values must not leak into the loss
-    old, _ = padded(old, fill=3.0)
-    ref, _ = padded(ref, fill=-5.0)
-    new.requires_grad_(True)
-    retained = torch.tensor(retained)
+def loss_and_grad(adv, retained, num_tokens=None, beta=0.0, part=slice(None), batch=None):
+    """GFPO loss on the toy (or `batch`) as gfpo.main computes it: only the retained rows are forwarded
+    (`retained.nonzero()`), `part` of them in this micro-batch; num_tokens defaults to their token count.
+    Returns the loss, dJ/dlogπ per token of every row (the rows not forwarded get zero) and the stats."""
+    new, old, ref, mask, _ = batch or toy()
+    kept = torch.tensor(retained).nonzero()[:, 0]  # gfpo.main's selection: S only
+    ix = kept[part]
     if num_tokens is None:
-        num_tokens = (mask * retained[:, None]).sum()
-    loss, stats = gfpo.policy_loss(new[rows], old[rows], ref[rows], torch.tensor(adv, dtype=torch.float64)[rows],
-                                   mask[rows], 0.2, beta, retained[rows], num_tokens)
-    loss.backward()
-    return loss.item(), -new.grad, stats
+        num_tokens = mask[kept].sum()  # Σ_{i∈S}|o_i|, as gfpo.main's mask[mb].sum()
+    loss, stats = gfpo.policy_loss(new[ix], old[ix], ref[ix], torch.as_tensor(adv, dtype=torch.float64)[ix],
+                                   mask[ix], 0.2, beta, num_tokens)
+    return (*value_and_dj(loss, new), stats)
 
 
 def test_all_retained_is_the_token_level_loss_of_the_spec():
@@ -152,9 +132,12 @@ def test_rejected_sequence_gets_exactly_zero_gradient_and_no_normaliser_share():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
     adv = gfpo.filtered_advantages(r, torch.tensor(retained), 4)
     assert adv.tolist() == pytest.approx([0.707107, -1.414214, 0, 0.707107], abs=1e-6)
-    loss, g, stats = loss_and_grad(adv.tolist(), retained, beta=0.04)
+    assert adv[2].item() == 0.0  # the rejected row's advantage is exactly 0
+    assert torch.tensor(retained).nonzero()[:, 0].tolist() == [0, 1, 3]  # the trainer never forwards o3
+    loss, g, stats = loss_and_grad(adv, retained, beta=0.04)
     assert torch.equal(g[2], torch.zeros_like(g[2]))  # exactly zero, KL term included
-    loss0, g0, _ = loss_and_grad(adv.tolist(), retained)
+    assert (g[[0, 1, 3]] != 0).any(dim=1).all()  # while every retained row gets some
+    loss0, g0, _ = loss_and_grad(adv, retained)
     assert loss0 == pytest.approx(-(0.707107 * 4.323902 - 1.414214 * 3.021403) / 7, abs=1e-5)
     assert g0[0, 0].item() == pytest.approx(0.707107 * 1.105171 / 7, abs=1e-6)
     assert stats["clip_frac"][1].item() == 7  # statistics over retained tokens only
@@ -162,6 +145,11 @@ def test_rejected_sequence_gets_exactly_zero_gradient_and_no_normaliser_share():
     loss2, g2, _ = loss_and_grad([0.707107, -1.414214, 5.0, 0.707107], retained, beta=0.04)
     assert torch.equal(g2[2], torch.zeros_like(g2[2]))
     assert loss2 == pytest.approx(loss, abs=1e-6)
+    # the selection is what keeps o3 out: forwarded with Â = 0, its KL term would still pull on it
+    new, old, ref, mask, _ = toy()
+    all_rows, _ = gfpo.policy_loss(new, old, ref, adv, mask, 0.2, 0.04, torch.tensor(7.0, dtype=torch.float64))
+    _, g_all = value_and_dj(all_rows, new)
+    assert g_all[2, 0].item() == pytest.approx(-0.04 * (1 - math.exp(-0.3)) / 7, abs=1e-9)  # -β dKL/dlogπ / 7
 
 
 def test_normaliser_counts_retained_tokens_only():
@@ -175,9 +163,11 @@ def test_normaliser_counts_retained_tokens_only():
             J += min(rho * adv[i], max(min(rho, 1.2), 0.8) * adv[i])
     assert loss == pytest.approx(-J / 5, abs=1e-12)
     # a longer rejected completion changes nothing
-    longer = [row + [-1.0] * 4 if i == 1 else row for i, row in enumerate(NEW)]
-    assert loss_and_grad(adv, retained, new=longer, old=[r + [-1.0] * 4 if i == 1 else r for i, r in enumerate(OLD)],
-                         ref=[r + [-1.0] * 4 if i == 1 else r for i, r in enumerate(REF)])[0] == pytest.approx(loss, abs=1e-12)
+    longer = [[x + [-1.0] * 4 if i == 1 else x for i, x in enumerate(rows)] for rows in (NEW, OLD, REF)]
+    new, mask = padded(longer[0], fill=-7.0)
+    batch = (new.requires_grad_(True), padded(longer[1], fill=3.0)[0], padded(longer[2], fill=-5.0)[0], mask, None)
+    assert mask.sum().item() == 12
+    assert loss_and_grad(adv, retained, batch=batch)[0] == pytest.approx(loss, abs=1e-12)
 
 
 def test_micro_batches_and_ranks_add_up_to_the_mini_batch_loss():
@@ -185,13 +175,13 @@ def test_micro_batches_and_ranks_add_up_to_the_mini_batch_loss():
     # and gradients sum to the full-batch ones; per-micro-batch normalisation would not
     retained, adv = [True, True, False, True], [0.707107, -1.414214, 0.0, 0.707107]
     full, g_full, _ = loss_and_grad(adv, retained, beta=0.04)
-    a, g_a, _ = loss_and_grad(adv, retained, num_tokens=torch.tensor(7.0), beta=0.04, rows=slice(0, 1))
-    b, g_b, _ = loss_and_grad(adv, retained, num_tokens=torch.tensor(7.0), beta=0.04, rows=slice(1, 4))
+    a, g_a, _ = loss_and_grad(adv, retained, num_tokens=torch.tensor(7.0), beta=0.04, part=slice(0, 1))  # o1
+    b, g_b, _ = loss_and_grad(adv, retained, num_tokens=torch.tensor(7.0), beta=0.04, part=slice(1, 3))  # o2, o4
     assert a + b == pytest.approx(full, abs=1e-12)
     assert torch.allclose(g_a + g_b, g_full, atol=1e-12)
     # DDP: each rank backpropagates loss * world_size and DDP averages, which gives the same gradient
     assert torch.allclose((2 * g_a + 2 * g_b) / 2, g_full, atol=1e-12)
-    local, _, _ = loss_and_grad(adv, retained, num_tokens=torch.tensor(2.0), beta=0.04, rows=slice(0, 1))
+    local, _, _ = loss_and_grad(adv, retained, num_tokens=torch.tensor(2.0), beta=0.04, part=slice(0, 1))
     assert local + b != pytest.approx(full, abs=1e-3)
 
 
@@ -203,18 +193,18 @@ def test_difficulty_buckets_as_documented():
     history = [i / 10 for i in range(11)]  # 0.0 .. 1.0
     means = torch.tensor([1.0, 0.8, 0.7, 0.5, 0.4, 0.3, 0.0])
     # mid-rank percentiles 10.5/11, 8.5/11, 7.5/11, 5.5/11, 4.5/11, 3.5/11, 0.5/11
-    assert gfpo.difficulty_buckets(means, history).tolist() == [0, 0, 1, 1, 2, 2, 3]
-    assert [gfpo.DIFFICULTY_BUCKETS[b] for b in (0, 1, 2, 3)] == ["easy", "medium", "hard", "very hard"]
-    # the documented table for G = 16: easy 4, medium 6, hard 8, very hard 8
-    assert gfpo.adaptive_keep(means, history, (4, 6, 8, 8)).tolist() == [4, 4, 6, 6, 8, 8, 8]
+    buckets = gfpo.difficulty_buckets(means, history)
+    assert buckets.tolist() == [0, 0, 1, 1, 2, 2, 3]  # 0 easy, 1 medium, 2 hard, 3 very hard
+    # the documented table for G = 16: easy 4, medium 6, hard 8, very hard 8, as gfpo.main picks k
+    keeps = [int(k) for k in gfpo.Config.difficulty_keep.split(",")]
+    assert keeps == [4, 6, 8, 8]
+    assert torch.tensor(keeps)[buckets].tolist() == [4, 4, 6, 6, 8, 8, 8]
 
 
 def test_difficulty_ties_share_a_bucket():
     history = [0.0] * 40 + [0.5] * 30 + [1.0] * 30  # 0/1-style rewards: many tied means
     b = gfpo.difficulty_buckets(torch.tensor([0.0, 0.5, 1.0]), history).tolist()
     assert b == [3, 1, 0]  # all-wrong prompts: very hard; all-correct ones: easy
-    with pytest.raises(ValueError, match="empty"):
-        gfpo.difficulty_buckets(torch.tensor([0.5]), [])
 
 
 def test_difficulty_buckets_against_quartile_loop():
@@ -231,7 +221,7 @@ def test_adaptive_keep_feeds_the_filter():
     G = 16
     history = [0.0, 0.25, 0.5, 0.75, 1.0] * 4
     means = torch.tensor([1.0, 0.0])  # easy, very hard
-    keep = gfpo.adaptive_keep(means, history, (4, 6, 8, 8))
+    keep = torch.tensor([4, 6, 8, 8])[gfpo.difficulty_buckets(means, history)]  # gfpo.main's expression
     rewards = torch.cat([torch.ones(G), torch.zeros(G)])
     m = gfpo.retain_mask(rewards, torch.arange(1, 2 * G + 1), keep, G, "length")
     assert m.view(2, G).sum(1).tolist() == [4, 8]
@@ -260,16 +250,16 @@ def check_run(p, run_dir, steps, keep_range):
     return train
 
 
-def test_smoke_tiny(tmp_path):
+def test_smoke_tiny(tiny_dir, tmp_path):
     run_dir = str(tmp_path / "run")
-    p = run(["nice", "-n", "5", "python", "gfpo.py", "--tiny", "--num_steps=2", "--eval_problems=8",
+    p = run(["nice", "-n", "5", sys.executable, "gfpo.py", "--tiny", "--num_steps=2", "--eval_problems=8",
              "--batch_prompts=4", f"--run_dir={run_dir}"])  # G=16, k=8 as in TINY; fewer prompts, to stay fast
     train = check_run(p, run_dir, 2, (8, 8))
     for r in train:  # shortest 8 of 16: the retained ones are never longer on average
         assert r["response_length_retained"] <= r["response_length"]
 
 
-def test_torchrun_two_ranks_gloo_adaptive_efficiency(tmp_path):
+def test_torchrun_two_ranks_gloo_adaptive_efficiency(tiny_dir, tmp_path):
     run_dir = str(tmp_path / "run")
     p = run(["nice", "-n", "5", *torchrun(2, "gfpo.py", "--tiny", "--num_steps=2", "--eval_problems=8",
                                          "--batch_prompts=8", "--adaptive_difficulty", "--filter_metric=efficiency",
@@ -277,13 +267,30 @@ def test_torchrun_two_ranks_gloo_adaptive_efficiency(tmp_path):
     check_run(p, run_dir, 2, (4, 8))
 
 
-def test_ddp_update_equals_single_process_update():
+def test_ddp_update_equals_single_process_update(tiny_dir):
     # two ranks with unequal retained-token counts: the all-reduced normaliser and the
     # world_size factor must reproduce the single-process token-level update exactly
     p = run(["nice", "-n", "5", *torchrun(2, "tests/ddp_gfpo_check.py")])
     assert p.stdout.count("DDP update == single-process update") == 2
 
 
+def user_error(*flags):
+    """Run gfpo.py with `flags`; return its stderr after checking the exit status 2 of a UserError."""
+    p = subprocess.run([sys.executable, "gfpo.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, f"exit {p.returncode}\n--- stdout\n{p.stdout[-2000:]}\n--- stderr\n{p.stderr[-4000:]}"
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gfpo.py: error: "), p.stderr
+    return lines[0]
+
+
+def test_unknown_metric_is_a_clear_error(tmp_path):
+    line = user_error("--tiny", "--filter_metric=longest", f"--run_dir={tmp_path / 'run'}")
+    assert "--filter_metric" in line and "longest" in line
+    assert not os.path.exists(tmp_path / "run")  # refused before anything ran
+
+
 def test_bad_keep_is_a_clear_error(tmp_path):
-    with pytest.raises(AssertionError, match="difficulty_keep"):
-        run(["python", "gfpo.py", "--tiny", "--keep=17", f"--run_dir={tmp_path}"])
+    line = user_error("--tiny", "--keep=17", f"--run_dir={tmp_path / 'run'}")  # k > G = 16
+    assert "keep" in line and "17" in line and "group_size=16" in line
+    assert not os.path.exists(tmp_path / "run")

@@ -25,9 +25,9 @@ def test_from_pretrained_roundtrip(tiny_dir, tmp_path):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(common.UserError, match="does not exist"):
         common.load_model(str(tmp_path / "nope"), torch.device("cpu"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(common.UserError, match="does not exist"):
         common.load_tokenizer(str(tmp_path / "nope"))
 
 
@@ -45,9 +45,9 @@ def test_load_dataset_from_local_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("rows,msg", [
-    ([], "is empty"),
-    ([{"question": "q"}], "needs string fields"),
-    ([{"question": "q", "answer": "no final line"}], "no '#### <number>' line"),
+    ([], "holds no problems"),
+    ([{"question": "q"}], r"train.jsonl:1: no 'answer' field"),
+    ([{"question": "q", "answer": "no final line"}], r"train.jsonl:1: the answer has no readable '#### <number>' line"),
 ])
 def test_bad_datasets_are_clear_errors(tmp_path, rows, msg):
     path = tmp_path / "train.jsonl"
@@ -55,10 +55,10 @@ def test_bad_datasets_are_clear_errors(tmp_path, rows, msg):
         write_jsonl(path, rows)
     else:
         path.write_text("")
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(gsm8k.DataError, match=msg):
         gsm8k.load_gsm8k("train", str(path))
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(gsm8k.DataError, match="does not exist"):
         gsm8k.load_gsm8k("train", str(tmp_path / "missing"))

@@ -1,0 +1,269 @@
+"""Nothing silently wrong: the answer parser, run directories, settings and error messages.
+
+Each test here failed on the code before the reader-first refactor (commit b63a5c5), as its comment
+says; together they cover the numbered items of the "nothing silently wrong" issue.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from fractions import Fraction
+
+import pytest
+import torch
+
+import common
+import evaluation
+import grpo
+import gsm8k
+from conftest import ROOT, run, single_process
+
+FAST = ["--tiny", "--batch_prompts=4", "--group_size=4", "--eval_problems=8", "--eval_every=0"]
+
+
+def fails(argv, *words, script="grpo.py"):
+    """Run `script argv`; assert exit status 2 and one stderr line, no traceback, naming every word."""
+    p = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, f"exit {p.returncode}, expected 2\n{p.stderr[-3000:]}"
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), p.stderr[-3000:]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def user_error(argv, match, main=grpo.main, monkeypatch=None):
+    """Call a script's main() in process with argv; assert it raises a UserError matching `match`."""
+    with pytest.raises((common.UserError, gsm8k.DataError), match=match):
+        monkeypatch.setattr(sys, "argv", ["grpo.py", *argv])
+        main()
+
+
+# -----------------------------------------------------------------------------
+# 1. the answer parser is linear: a 1 MB adversarial completion is scored fast (before: quadratic, minutes)
+
+ADVERSARIAL = {
+    "whitespace run": "#### " + " " * 1_000_000 + "x",
+    "answer then whitespace": "#### 18" + " " * 1_000_000,
+    "digit run": "#### " + "9" * 1_000_000,
+    "digits and spaces": "1 " * 500_000,
+    "separators": ", ." * 333_333 + "#### 18",
+    "invisible characters": "\u200b" * 1_000_000 + "18",
+    "signs and dollars": "-$ " * 333_333 + "5",
+    "fractions": "#### " + "1/" * 500_000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_a_megabyte_of_adversarial_text_is_scored_fast(name):
+    text = ADVERSARIAL[name]
+    assert len(text) >= 999_990
+    t0 = time.perf_counter()
+    for fn in (gsm8k.correctness_reward, gsm8k.lenient_correct, gsm8k.format_reward):
+        fn(text, "#### 18")
+    evaluation.score_problem(0, {"question": "q", "answer": "#### 18"}, [text], [False])
+    assert time.perf_counter() - t0 < 0.5, f"{name}: {time.perf_counter() - t0:.2f} s for the rewards and the eval record"
+
+
+# -----------------------------------------------------------------------------
+# 2. a number the parser cannot read exactly is no match, never a different number; digits are ASCII
+
+
+@pytest.mark.parametrize("completion,reference,score", [
+    ("#### \u22123", "#### 3", 0.0),        # the Unicode minus keeps its sign (before: read as 3)
+    ("#### \u22123", "#### -3", 1.0),
+    ("#### 1e5", "#### 100000", 1.0),       # exponents are read (before: 1e5 read as 1)
+    ("#### 2.5e3", "#### 2500", 1.0),
+    ("#### 2.5e3", "#### 2.5", 0.0),
+    ("#### 1 234", "#### 1", 0.0),          # digit groups split by a space: ambiguous, no match (before: 1)
+    ("#### 1 234", "#### 1234", 0.0),
+    ("#### 1\u200b234", "#### 1", 0.0),     # ... or by an invisible character
+    ("#### 3 1/2", "#### 3", 0.0),          # a mixed number is 7/2 (before: 3)
+    ("#### 3 1/2", "#### 3.5", 1.0),
+    ("#### \u0661\u0668", "#### 18", 0.0),  # Arabic-Indic digits are not read (before: 18)
+    ("#### \uff11\uff18", "#### 18", 0.0),  # nor full-width ones
+    ("#### 12,34", "#### 1234", 0.0),       # badly grouped thousands: ambiguous
+    ("#### 1.5.3", "#### 1.5", 0.0),
+    ("#### 18", "18", 1.0),                 # a bare reference number is read (before: every completion 0)
+    ("#### 17", "18", 0.0),
+])
+def test_careful_grader_decisions(completion, reference, score):
+    assert gsm8k.correctness_reward(completion, reference) == score
+    assert gsm8k.lenient_correct(completion.replace("####", "so"), reference) == score
+
+
+def test_giant_equal_answers_match():
+    big = "7" * 5000  # past Python's 4,300-digit int conversion limit (before: None, so 0)
+    assert gsm8k.correctness_reward(f"#### {big}", f"#### {big}") == 1.0
+    assert gsm8k.correctness_reward(f"#### {big}8", f"#### {big}") == 0.0
+    assert gsm8k.extract_answer(f"#### {big}000") == gsm8k.extract_answer(f"#### {big}e3")
+
+
+def test_numbers_compare_exactly_with_fractions_and_ints():
+    assert gsm8k.extract_answer("#### $1,234.50") == Fraction(2469, 2)
+    assert gsm8k.extract_answer("#### 0.75") == gsm8k.extract_answer("#### 3/4") == Fraction(3, 4)
+    assert gsm8k.extract_answer("#### 1/3") == Fraction(1, 3) and str(gsm8k.extract_answer("#### 1/3")) == "1/3"
+    assert gsm8k.extract_answer("#### -0") == 0 and gsm8k.extract_answer("#### 007") == 7
+
+
+def test_bad_references_and_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="no readable '#### <number>' line"):
+        gsm8k.correctness_reward("#### 18", "eighteen")  # before: silently 0 for every completion
+    with pytest.raises(TypeError, match="completion must be a string, got int"):
+        gsm8k.correctness_reward(18, "#### 18")          # before: an unhelpful TypeError
+    with pytest.raises(TypeError, match="reference answer must be a string, got int"):
+        gsm8k.correctness_reward("#### 18", 18)          # before: 0
+    with pytest.raises(TypeError, match="completion must be a string"):
+        gsm8k.format_reward(None)
+
+
+# -----------------------------------------------------------------------------
+# 3 and 8. run directories hold one run; resume compares settings; `latest` always names a checkpoint
+
+
+def test_a_fresh_run_into_a_used_run_dir_stops_and_overwrite_starts_over(tiny_dir, tmp_path):
+    r = tmp_path / "R"
+    run([sys.executable, "grpo.py", *FAST, "--num_steps=3", "--save_every=1", f"--run_dir={r}"])
+    # before: the second run trained, then its cleanup deleted its own checkpoint and `latest` named nothing
+    fails([*FAST, "--num_steps=1", f"--run_dir={r}"], "already holds another run", "--resume=", "--overwrite")
+    run([sys.executable, "grpo.py", *FAST, "--num_steps=1", f"--run_dir={r}", "--overwrite"])
+    assert sorted(x for x in os.listdir(r) if x.startswith("ckpt")) == ["ckpt-000001"]
+    assert (r / "latest").read_text() == "ckpt-000001" and (r / "ckpt-000001" / "trainer_state.pt").is_file()
+    assert [json.loads(l)["step"] for l in open(r / "metrics.jsonl")] == [0, 1]  # only the new run's log
+
+
+def test_resume_refuses_changed_settings_and_allows_more_steps(tiny_dir, tmp_path, monkeypatch):
+    r = tmp_path / "R"
+    run([sys.executable, "grpo.py", *FAST, "--num_steps=1", f"--run_dir={r}"])
+    # before: --resume continued silently with the new seed and learning rate
+    msg = fails([*FAST, "--num_steps=2", f"--run_dir={r}", f"--resume={r}", "--lr=1e-3", "--seed=5"],
+                "saved with other settings")
+    assert "--lr=0.001 (saved: 0.0002)" in msg and "--seed=5 (saved: 0)" in msg
+    user_error([*FAST, "--num_steps=1", f"--run_dir={r}", f"--resume={r}"], "at step 1 and --num_steps=1: nothing to do",
+               monkeypatch=monkeypatch)  # before: exit 0, saying nothing
+    run([sys.executable, "grpo.py", *FAST, "--num_steps=2", f"--run_dir={r}", f"--resume={r}"])
+    assert (r / "latest").read_text() == "ckpt-000002"
+
+
+def fake_checkpoint(run_dir, step, run_id):
+    """A directory save_checkpoint would write (the files the loader looks for), for run `run_id`."""
+    ckpt = run_dir / f"ckpt-{step:06d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.pt").write_bytes(b"x")
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "run_config.json").write_text(json.dumps({"config": {}, "run_id": run_id, "step": step}))
+    return ckpt
+
+
+def test_cleanup_deletes_only_this_runs_checkpoints(tiny_dir, tmp_path):
+    lm, tok = common.load_model(tiny_dir, torch.device("cpu")), common.load_tokenizer(tiny_dir)
+    cfg = grpo.Config(run_dir=str(tmp_path))
+    fake_checkpoint(tmp_path, 1, "someone-else")  # another run's checkpoint, e.g. copied in by hand
+    (tmp_path / "run_id").write_text("me")
+    opt = torch.optim.AdamW(lm.parameters())
+    for step in (5, 6, 7):
+        common.save_checkpoint(str(tmp_path), step, lm, tok, opt, cfg, single_process())
+    assert sorted(x for x in os.listdir(tmp_path) if x.startswith("ckpt")) == ["ckpt-000001", "ckpt-000006",
+                                                                                 "ckpt-000007"]
+    assert (tmp_path / "latest").read_text() == "ckpt-000007"
+
+
+def test_a_crash_while_re_saving_leaves_latest_loadable(tmp_path):
+    # the window: the old copy renamed away, the complete new one still in .tmp (before: latest named nothing)
+    fake_checkpoint(tmp_path, 3, "me").rename(tmp_path / "ckpt-000003.tmp")
+    (tmp_path / "latest").write_text("ckpt-000003")
+    assert common.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-000003.tmp")
+    assert common.model_path(str(tmp_path), single_process()) == str(tmp_path / "ckpt-000003.tmp")
+
+
+def test_damaged_checkpoint_files_are_named(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, 2, "me")  # trainer_state.pt holds two bytes: not a torch file
+    with pytest.raises(common.UserError, match=r"trainer_state.pt: cannot read this checkpoint file"):
+        common.load_trainer_state(str(ckpt), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                                  single_process())
+    (ckpt / "run_config.json").write_text("{not json")
+    with pytest.raises(common.UserError, match=r"run_config.json: cannot read the checkpoint's settings"):
+        common.start_run(grpo.Config(resume=str(ckpt), run_dir=str(tmp_path / "new")), single_process())
+
+
+# -----------------------------------------------------------------------------
+# 4, 5, 6. data paths, --tiny with explicit flags, settings checked once, up front
+
+
+def test_a_single_data_file_is_not_used_as_held_out_data(tmp_path, monkeypatch):
+    rows = [{"question": "q", "answer": "#### 1"}]
+    (tmp_path / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    cfg = grpo.Config(data_path=str(tmp_path / "train.jsonl"))
+    assert common.load_problems(cfg, "train") == rows
+    with pytest.raises(common.UserError, match="single file, so nothing is held out.*--test_path"):
+        common.load_problems(cfg, "test")  # before: the training file, evaluated as "held-out"
+    cfg.test_path = str(tmp_path / "train.jsonl")
+    assert common.load_problems(cfg, "test") == rows
+
+
+def test_tiny_honours_an_explicit_model(monkeypatch, tmp_path):
+    # before: --tiny replaced --model and the run trained the tiny model, exit 0
+    user_error(["--tiny", "--model=/nonexistent", f"--run_dir={tmp_path}"], "/nonexistent does not exist",
+               monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("save_every", "0"), ("num_minibatches", "0"), ("micro_batch_size", "0"), ("batch_prompts", "0"),
+    ("group_size", "0"), ("group_size", "1"), ("num_steps", "0"), ("top_p", "0"), ("beta", "-1"),
+    ("clip_eps", "-1"), ("temperature", "-0.5"), ("lr", "nan"), ("max_new_tokens", "0"),
+])
+def test_out_of_range_settings_stop_before_anything_runs(flag, value):
+    # before: each either crashed deep in torch after work was done, or was accepted
+    with pytest.raises(common.UserError, match=f"--{flag}={value}.* out of range: it must be in"):
+        common.parse_config(grpo.Config, ["--tiny", f"--{flag}={value}"], tiny=grpo.TINY)
+
+
+def test_user_errors_exit_2_with_one_line():
+    fails(["--tiny", "--group_size=1"], "--group_size=1", "[2, inf)")  # before: exit 0 having learned nothing
+    fails(["--tiny", "--lerning_rate=1"], "unknown config key --lerning_rate")  # before: a traceback
+
+
+# -----------------------------------------------------------------------------
+# 7. data, checkpoint and model errors name the file, the line (1-based) and the fix
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": "q", "answer": #### 2}\n')
+    with pytest.raises(gsm8k.DataError, match=r"train.jsonl:3: not valid JSON"):  # before: pyarrow, 73 lines
+        gsm8k.load_gsm8k("train", str(path))
+    path.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q", "answer": 2}\n')
+    with pytest.raises(gsm8k.DataError, match=r"train.jsonl:2: 'answer' must be a string, got int"):
+        gsm8k.load_gsm8k("train", str(path))  # before: "row 1 ... got ['answer', 'question']"
+
+
+def test_data_errors_exit_2_from_the_trainer(tmp_path):
+    (tmp_path / "train.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    fails(["--tiny", f"--data_path={tmp_path}", f"--run_dir={tmp_path / 'r'}"], "train.jsonl:1: expected a JSON object")
+
+
+def test_model_load_errors_keep_their_cause(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')  # a local dir with no weights in it
+    with pytest.raises(common.UserError, match=f"cannot load the model in {tmp_path}: OSError") as e:
+        common.load_model(str(tmp_path), torch.device("cpu"))
+    assert "hub" not in str(e.value)  # before: every OSError read "not on the hub or no network"
+
+
+def test_a_run_dir_without_latest_is_named_as_such(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # what a run writes before its first checkpoint
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(common.UserError, match="a run dir with no `latest` checkpoint yet"):
+        common.model_path(str(tmp_path), single_process())  # before: a tokenizer error about sentencepiece
+
+
+def test_sample_prompt_file_errors_give_the_real_line(tmp_path, monkeypatch):
+    import sample
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question": "a"}\n\n\n{"question": 3}\n')
+    with pytest.raises(common.UserError, match=r"p.jsonl:4: expected a JSON object with a string field"):
+        sample.read_prompt_file(str(path))  # before: "line 2" (blank lines were skipped before numbering)
+    path.write_text('{"question": "a"}\n\n{oops\n')
+    with pytest.raises(gsm8k.DataError, match=r"p.jsonl:3: not valid JSON"):
+        sample.read_prompt_file(str(path))
