@@ -19,12 +19,14 @@ Launch:
     python bench.py                                  # 1 GPU: 256 sequences x 300 new tokens
     python bench.py --tiny                           # the tiny model on CPU (the CI smoke runs a smaller one)
     python bench.py --peak_tflops=989 --mem_bw_gbs=3350   # a device missing from GPU_SPECS
+    python bench.py --token_lengths=DIR --data_path=DIR   # GSM8K's prompt and solution lengths in DIR's tokens
     python bench.py --help                           # every knob with its default
 
 Targets on a GPU (docs/bench.md): rollout >= 4x plain generate and >= 25% of the decode roofline
 for 256 x 300 tokens; update >= 35% MFU; peak memory <= 36 GiB.
 """
 import copy
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import gsm8k
 from grpo import policy_loss
 
 
@@ -55,6 +58,8 @@ class Config:
     mem_bw_gbs: float = 0.0  # device memory bandwidth in GB/s for the decode roofline (0 = from GPU_SPECS)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     seed: int = 0  # seeds the weights of the random model, the prompts and the sampling
+    token_lengths: str = ""  # a tokenizer or model dir: print GSM8K's token lengths in its tokens and exit
+    data_path: str = ""  # GSM8K for --token_lengths: a dir with train.jsonl and test.jsonl ("" = the hub)
 
 
 # --tiny sets these (explicit --key=value flags still win). One thread: the tiny model's ops are
@@ -168,10 +173,33 @@ def update(policy, optimizer, r, old_logp, ref_logp, advantages, cfg, device):
     policy.eval()
 
 
+def token_lengths(tok, problems, system_prompt=gsm8k.SYSTEM_PROMPT):
+    """What the data costs in `tok`'s tokens: the chat prompt of each question and each reference solution
+    (+ the EOS a completion ends with); {'n', 'prompt': {min, p50, p90, p99, max, mean}, 'solution': {...}}."""
+    def stats(xs):
+        xs = sorted(xs)
+        at = lambda q: xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)]  # noqa: E731  (nearest-rank percentile)
+        return {"min": xs[0], "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": xs[-1],
+                "mean": round(sum(xs) / len(xs), 1)}
+    prompts = tok([gsm8k.build_prompt(tok, p["question"], system_prompt) for p in problems], add_special_tokens=False)
+    solutions = tok([p["answer"] for p in problems], add_special_tokens=False)
+    return {"n": len(problems), "prompt": stats([len(x) for x in prompts["input_ids"]]),
+            "solution": stats([len(x) + 1 for x in solutions["input_ids"]])}
+
+
 def main():
     cfg = common.parse_config(Config, tiny=TINY)
+    if cfg.token_lengths:
+        tok = common.load_tokenizer(cfg.token_lengths)
+        print(f"{'split':<6}{'text':>10}{'n':>7}{'min':>6}{'p50':>6}{'p90':>6}{'p99':>6}{'max':>6}{'mean':>8}")
+        for split in ("train", "test"):
+            st = token_lengths(tok, gsm8k.load_gsm8k(split, cfg.data_path))
+            for key in ("prompt", "solution"):
+                print(f"{split:<6}{key:>10}{st['n']:>7}" + "".join(f"{st[key][k]:>6}" for k in ("min", "p50", "p90",
+                      "p99", "max")) + f"{st[key]['mean']:>8}")
+        return
     if cfg.num_seqs % cfg.group_size or cfg.num_seqs % cfg.num_minibatches:
-        raise ValueError(f"num_seqs={cfg.num_seqs} must be divisible by group_size={cfg.group_size} "
+        raise common.UserError(f"num_seqs={cfg.num_seqs} must be divisible by group_size={cfg.group_size} "
                          f"and num_minibatches={cfg.num_minibatches}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -53,15 +53,8 @@ def run(main):
 
 def _field_docs(cls):
     """Map each dataclass field to the comment on its line (`name: type = default  # doc`)."""
-    docs = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+)\s*:\s*[^=]+=.*?#\s*(.*)$", line)
-            if m:
-                docs[m.group(1)] = m.group(2).strip()
-    return docs
+    found = (re.match(r"\s+(\w+)\s*:\s*[^=]+=.*?#\s*(.*)$", l) for l in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2).strip() for m in found if m}
 
 
 def _valid_values(doc):
@@ -300,11 +293,8 @@ def _looks_local(path):
 
 
 def load_model(path, device, dtype=torch.float32):
-    """Causal LM from a hub name or local dir, in `dtype`, on `device`, in eval mode.
-
-    The trainers keep fp32 master weights (the default): lr=1e-6 updates survive, where bf16 weights
-    would round them away; forward and backward run under bf16 autocast on GPU.
-    """
+    """Causal LM from a hub name or local dir, in `dtype` (fp32 master weights: bf16 would round lr=1e-6
+    updates away), on `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **_dtype_kwarg(dtype))
@@ -394,11 +384,8 @@ class Rollout:
 
     @staticmethod
     def cat(rs, device):
-        """Rollouts of different widths as one, on `device`: prompts left-padded, completions right-padded.
-
-        Extra padding is masked out, and positions come from the attention mask, so the log-probs of
-        the real tokens do not change (a test checks this).
-        """
+        """Rollouts of different widths as one, on `device`: prompts left-padded, completions right-padded
+        (masked out, and positions come from the mask: the real tokens' log-probs do not change)."""
         P, T, pad = max(r.prompt_ids.shape[1] for r in rs), max(r.completion_ids.shape[1] for r in rs), rs[0].pad_id
         left = lambda x, v: nn.functional.pad(x.to(device), (P - x.shape[1], 0), value=v)   # noqa: E731
         right = lambda x, v: nn.functional.pad(x.to(device), (0, T - x.shape[1]), value=v)  # noqa: E731
@@ -432,10 +419,8 @@ def completion_mask(completion_ids, eos_ids):
 @torch.no_grad()
 def generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature=1.0,
              top_p=1.0, greedy=False, fast=False):
-    """Sample `group_size` completions per prompt with Hugging Face generate (the readable path), in eval mode.
-
-    fast=True takes decoder.fast_decode instead: the same sampling from a static-KV-cache decode loop.
-    """
+    """`group_size` completions per prompt from Hugging Face generate (the readable path), or with fast=True
+    decoder.fast_decode (the same sampling from a static-KV-cache loop); in eval mode."""
     was_training = model.training
     model.eval()
     eos = eos_token_ids(model, tok)
@@ -499,10 +484,8 @@ def _token_logprobs(lm_head, h, targets, temperature):
 
 
 class Policy(nn.Module):
-    """The causal LM plus a forward that returns per-token log-probs of completion tokens.
-
-    The trainers wrap this module in DDP, so the loss goes through the DDP forward.
-    """
+    """The causal LM plus a forward that returns per-token log-probs of completion tokens (the module DDP wraps,
+    so the loss goes through the DDP forward)."""
 
     def __init__(self, lm, chunk_size=128, gradient_checkpointing=False):
         super().__init__()
@@ -618,10 +601,8 @@ RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "num_steps", "eval_every"
 
 def _run_files(run_dir):
     """The work a run leaves in its dir: checkpoints (complete or not) and `latest`."""
-    if not os.path.isdir(run_dir):
-        return []
-    return sorted(x for x in os.listdir(run_dir)
-                  if re.fullmatch(r"ckpt-\d+(\.tmp|\.old)?", x) or x == "latest")
+    found = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted(x for x in found if re.fullmatch(r"ckpt-\d+(\.tmp|\.old)?", x) or x == "latest")
 
 
 def _read_run_config(ckpt):
@@ -635,11 +616,10 @@ def _read_run_config(ckpt):
 
 
 def start_run(cfg, d):
-    """Check the run dir and the resume point before anything is loaded; the checkpoint to resume ("" = fresh).
+    """Check the run dir and the resume point before anything loads; returns the checkpoint to resume ("" = fresh).
 
-    A fresh run refuses a run_dir that holds another run's files (resume it, pick another dir, or pass
-    --overwrite, which deletes them). --resume refuses a checkpoint saved with other settings and lists
-    them; num_steps may grow. The run's id, kept in run_dir/run_id, tags its checkpoints.
+    A fresh run refuses a run_dir holding another run's checkpoints (resume it, pick another dir, or --overwrite
+    them); --resume refuses other settings than the saved ones, listing them. run_dir/run_id tags checkpoints.
     """
     ckpt, run_id = "", None
     if cfg.resume:
@@ -682,8 +662,7 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
     keep this run's last `keep` checkpoints. At every instant `latest` names a complete checkpoint."""
     final = os.path.join(run_dir, f"ckpt-{step:06d}")
     tmp, old = final + ".tmp", final + ".old"
-    with open(os.path.join(run_dir, "run_id")) as f:
-        run_id = f.read().strip()
+    run_id = open(os.path.join(run_dir, "run_id")).read().strip()
     if d.master_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
