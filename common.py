@@ -4,7 +4,7 @@ needs to diff. The algorithms live in the trainer files.
 
     config          parse_config: a typed dataclass per trainer, --key=value flags, --tiny, --help
     distributed     setup_distributed, all_reduce_sum, check_replicas (plain python or torchrun)
-    loading         model_path, load_tokenizer, load_model, reference_model, autocast
+    loading         model_path, load_tokenizer, load_model, load_policy, reference_model, autocast
     data            load_problems, prompt_indices, tokenize_prompts
     rollout         Rollout (select, cat), rollout, generate, compute_rewards, rollout_metrics
     log-probs       Policy (the module DDP wraps), batched_logprobs
@@ -12,12 +12,14 @@ needs to diff. The algorithms live in the trainer files.
     checkpoints     save_checkpoint, resolve_latest, find_checkpoint, load_trainer_state
 
 Neighbouring rooms: gsm8k.py (the task and its rewards), tiny.py (the embedded tiny default),
-decoder.py (the fast static-KV-cache rollout), evaluation.py (held-out accuracy and its statistics).
+decoder.py (the fast static-KV-cache rollout), lora.py (LoRA adapters), evaluation.py (held-out accuracy).
 """
 import dataclasses
 import datetime
+import importlib.util
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -32,6 +34,7 @@ import torch.nn as nn
 
 import decoder
 import gsm8k
+import lora
 import tiny
 
 # -----------------------------------------------------------------------------
@@ -62,10 +65,8 @@ def _valid_values(doc):
     num = r"(-?(?:inf|\d+(?:\.\d+)?(?:e-?\d+)?))"
     m = re.search(r"\bin ([\[(])\s*" + num + r"\s*,\s*" + num + r"\s*([\])])", doc)
     if m:
-        lo, hi = float(m.group(2)), float(m.group(3))
-        above = (lambda v: v >= lo) if m.group(1) == "[" else (lambda v: v > lo)
-        below = (lambda v: v <= hi) if m.group(4) == "]" else (lambda v: v < hi)
-        return m.group(0)[3:], lambda v: above(v) and below(v)
+        lo, hi, closed_lo, closed_hi = float(m.group(2)), float(m.group(3)), m.group(1) == "[", m.group(4) == "]"
+        return m.group(0)[3:], lambda v: (lo <= v if closed_lo else lo < v) and (v <= hi if closed_hi else v < hi)
     m = re.search(r"\bin \{([^}]*)\}", doc)
     if m:
         choices = [c.strip() for c in m.group(1).split(",")]
@@ -123,6 +124,11 @@ def parse_config(cls, argv=None, tiny=None):
         shown, ok = _valid_values(doc)
         if ok is not None and not ok(getattr(cfg, name)):
             raise UserError(f"--{name}={getattr(cfg, name)!r} is out of range: it must be in {shown}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes: each takes an equal share of the batch
+    if hasattr(cfg, "batch_prompts") and (cfg.batch_prompts % world or
+                                          cfg.batch_prompts // world * cfg.group_size % cfg.num_minibatches):
+        raise UserError(f"--batch_prompts={cfg.batch_prompts} must split over the {world} process(es), and each one's "
+                        f"completions (x --group_size={cfg.group_size}) into --num_minibatches={cfg.num_minibatches}")
     if hasattr(cfg, "run_dir") and not cfg.run_dir:  # derived from the file name, as CleanRL's exp_name
         cfg.run_dir = os.path.join("runs", run_name(cls) + ("-tiny" if cfg.tiny else ""))
     return cfg
@@ -165,17 +171,6 @@ def setup_distributed():
         rank, local_rank, world_size = 0, 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Dist(ddp, rank, local_rank, world_size, device, rank == 0)
-
-
-def completions_per_rank(cfg, d):
-    """B: this rank's completions per step (its share of batch_prompts, times G); raise unless they split evenly."""
-    if cfg.batch_prompts % d.world_size:
-        raise UserError(f"--batch_prompts={cfg.batch_prompts} must be divisible by the world size {d.world_size}")
-    B = cfg.batch_prompts // d.world_size * cfg.group_size
-    if B % cfg.num_minibatches:
-        raise UserError(f"{B} completions per rank do not split into --num_minibatches={cfg.num_minibatches}: "
-                        "pick a divisor")
-    return B
 
 
 def check_replicas(module, optimizer, d):
@@ -303,8 +298,22 @@ def load_model(path, device, dtype=torch.float32):
     return model.to(device).eval()
 
 
-def reference_model(path, cfg, d):
-    """The frozen reference policy for the KL term: bf16 on GPU (it is never updated), fp32 on CPU."""
+def load_policy(path, ckpt, cfg, d):
+    """The policy to train: the model at ckpt (or path) in fp32 master weights; with --lora_rank, the base at
+    path frozen (bf16 on GPU) plus fp32 adapters (lora.py), restored from ckpt when resuming."""
+    if not cfg.lora_rank:
+        return Policy(load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
+    if importlib.util.find_spec("peft") is None:
+        raise UserError("--lora_rank needs peft, an optional dependency: pip install peft")
+    base = load_model(path, d.device, torch.bfloat16 if d.device.type == "cuda" else torch.float32)
+    return Policy(lora.add(base, cfg.lora_rank, ckpt), cfg.logprob_chunk, cfg.gradient_checkpointing)
+
+
+def reference_model(policy, path, cfg, d):
+    """The frozen reference policy for the KL term: the base model, bf16 on GPU (it is never updated), fp32 on
+    CPU; with LoRA, the policy's own network with its adapters off (no second copy)."""
+    if cfg.lora_rank:
+        return lora.AdaptersOff(policy)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     return Policy(load_model(path, d.device, dtype), cfg.logprob_chunk).eval().requires_grad_(False)
 
@@ -430,15 +439,9 @@ def generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, te
         out, _ = decoder.fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
                                      temperature, top_p, greedy, group_size)
     else:
-        from transformers import GenerationConfig
-        # A fresh GenerationConfig, so a model's own defaults (top_k, repetition_penalty) never leak
-        # in: the sampling distribution must be exactly softmax(logits / temperature), top-p cut.
-        gen_cfg = GenerationConfig(
-            do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-            top_k=0 if not greedy else None, max_new_tokens=max_new_tokens, eos_token_id=eos,
-            pad_token_id=tok.pad_token_id, repetition_penalty=1.0)
         with autocast(ids.device):
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, ids.shape[1]:]
+            out = decoder.hf_generate(model, ids, mask, max_new_tokens, eos, tok.pad_token_id, temperature, top_p,
+                                      greedy)
     model.train(was_training)
     return make_rollout(tok, ids, mask, out, eos)
 
@@ -575,16 +578,15 @@ class Logger:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb_project was given but wandb is not installed: pip install wandb") from None
-            self.wandb = wandb.init(project=wandb_project, config=dataclasses.asdict(cfg))
+            if importlib.util.find_spec("wandb") is None:
+                raise UserError("--wandb_project was given but wandb is not installed: pip install wandb")
+            self.wandb = __import__("wandb").init(project=wandb_project, config=dataclasses.asdict(cfg))
 
     def log(self, step, metrics):
-        """Append {'step': step, **metrics} to metrics.jsonl (master process only)."""
+        """Append {'step': step, **metrics} to metrics.jsonl (master process only); NaN (nothing counted) as null."""
         if not self.master:
             return
+        metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
@@ -668,11 +670,16 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
         os.makedirs(tmp)
     if d.ddp:
         dist.barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{d.rank}.pt"))
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # every RNG a run draws from
+    torch.save(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
     if d.ddp:
         dist.barrier()
     if d.master_process:
-        lm.save_pretrained(tmp)
+        if lora.has_adapters(lm):
+            lora.save(lm, tmp)  # the merged weights as a plain model dir, and the adapter
+        else:
+            lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                     "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
@@ -734,22 +741,10 @@ def load_trainer_state(ckpt, optimizer, d):
         raise UserError(f"{ckpt} was written by {state['world_size']} processes; resume it with as many "
                         f"(torchrun --nproc_per_node={state['world_size']}), not {d.world_size}")
     optimizer.load_state_dict(state.pop("optimizer"))
-    set_rng_state(_load(os.path.join(ckpt, f"rng_rank{d.rank}.pt")))
+    rng = _load(os.path.join(ckpt, f"rng_rank{d.rank}.pt"))
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
-
-
-def rng_state():
-    """Every RNG a run draws from, to resume exactly."""
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s):
-    """Inverse of rng_state()."""
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])

@@ -1,10 +1,10 @@
 """
-compare.py: the six trainers side by side. Runs each on the tiny default for several seeds, then
+compare.py: the trainers side by side. Runs each on the tiny default for several seeds, then
 draws one figure (held-out accuracy, reward, response length, entropy, clip or gate activity
 against step; mean and spread over seeds) and writes one table (final accuracy mean ± std, steps to
 a threshold, wall time).
 
-    python compare.py                          # 6 trainers x 3 seeds on the tiny default (CPU)
+    python compare.py                          # every trainer x 3 seeds on the tiny default (CPU)
     python compare.py --seeds=1 --algos=grpo,gspo
     python compare.py --logs_only --out_dir=runs/gpu   # only read logs: <out_dir>/<algo>-s<seed>/metrics.jsonl
 
@@ -25,7 +25,7 @@ import torch
 import common
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ALGOS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo"]
+ALGOS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo"]
 
 
 @dataclass
@@ -182,9 +182,9 @@ def main():
     algos = [a.strip() for a in cfg.algos.split(",") if a.strip()]
     unknown = [a for a in algos if a not in ALGOS]
     if unknown or not algos:
-        raise ValueError(f"unknown trainer(s) {unknown} in --algos; choose from {ALGOS}")
+        raise common.UserError(f"unknown trainer(s) {unknown} in --algos; choose from {ALGOS}")
     if cfg.seeds < 1 or cfg.jobs < 1:
-        raise ValueError("--seeds and --jobs must be at least 1")
+        raise common.UserError("--seeds and --jobs must be at least 1")
     t0 = time.time()
     if not cfg.logs_only:
         run_all(cfg, algos)

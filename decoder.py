@@ -1,7 +1,9 @@
 """
-decoder.py: the fast rollout, generate()'s sampling from a hand-written decode loop with a static
-KV cache (nanochat keeps its engine.py apart the same way). common.generate(fast=True) calls it.
+decoder.py: the two decoding paths common.generate takes: Hugging Face generate(), and the fast
+rollout, its sampling from a hand-written decode loop with a static KV cache (fast=True; nanochat
+keeps its engine.py apart the same way).
 
+    hf_generate      Hugging Face generate() with exactly our sampling: the readable path
     check_model      raise unless the model is a Qwen2/Llama-style decoder this loop supports
     StaticDecoder    prefill and one-token decode steps over a preallocated KV cache (+ CUDA graphs)
     sample_tokens    the next tokens, drawn exactly as Hugging Face generate() draws them
@@ -20,6 +22,8 @@ EOS, and a stop once every row has ended.
 """
 import torch
 import torch.nn.functional as F
+
+import lora
 
 ARCHS = ("qwen2", "llama")
 
@@ -66,11 +70,12 @@ class StaticDecoder:
         self.hd = attn.head_dim
         self.scale = getattr(attn, "scaling", self.hd ** -0.5)
 
-        def fuse(*lins):  # (weight, bias) of one matmul for several projections, in `dtype`
-            ws = [l.weight.detach().to(dtype) for l in lins]
-            if all(l.bias is None for l in lins):
+        def fuse(*lins):  # (weight, bias) of one matmul for several projections, in `dtype`, LoRA merged in
+            wbs = [lora.linear_weight(l) for l in lins]
+            ws = [w.detach().to(dtype) for w, _ in wbs]
+            if all(b is None for _, b in wbs):
                 return (torch.cat(ws) if len(ws) > 1 else ws[0]), None
-            bs = [(l.bias.detach() if l.bias is not None else l.weight.new_zeros(l.out_features)).to(dtype) for l in lins]
+            bs = [(b.detach() if b is not None else w.new_zeros(w.shape[0])).to(dtype) for w, b in wbs]
             return (torch.cat(ws), torch.cat(bs)) if len(ws) > 1 else (ws[0], bs[0])
         self.w = [(fuse(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj), fuse(l.self_attn.o_proj),
                    fuse(l.mlp.gate_proj, l.mlp.up_proj), fuse(l.mlp.down_proj)) for l in base.layers]
@@ -180,6 +185,18 @@ class StaticDecoder:
         graph, out = self.graphs[window]
         graph.replay()
         return out
+
+
+def hf_generate(model, ids, mask, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0, greedy=False):
+    """(B, T) completion ids from Hugging Face generate(), the readable path the fast loop must match."""
+    from transformers import GenerationConfig
+    # A fresh GenerationConfig, so a model's own defaults (top_k, repetition_penalty) never leak
+    # in: the sampling distribution must be exactly softmax(logits / temperature), top-p cut.
+    gen_cfg = GenerationConfig(
+        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+        top_k=0 if not greedy else None, max_new_tokens=max_new_tokens, eos_token_id=eos,
+        pad_token_id=pad_id, repetition_penalty=1.0)
+    return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, ids.shape[1]:]
 
 
 def sample_tokens(logits, temperature, top_p, greedy):

@@ -70,6 +70,7 @@ class Config:
     micro_batch_size: int = 8  # sequences per forward/backward (accumulated within a mini-batch), in [1, inf)
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
     logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
+    lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
     # algorithm
     clip_eps_low: float = 3e-4  # [GSPO] ε_low (§5.1), in (0, 1): s_i below 1 - ε_low is clipped when Â_i < 0
     clip_eps_high: float = 4e-4  # [GSPO] ε_high (§5.1), in (0, inf): s_i above 1 + ε_high is clipped when Â_i > 0
@@ -150,7 +151,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps_low, clip_e
 def main():
     cfg = common.parse_config(Config, tiny=TINY)
     d = common.setup_distributed()
-    B = common.completions_per_rank(cfg, d)  # this rank's prompts x G
+    B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
 
@@ -159,10 +160,10 @@ def main():
     train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
     path = common.model_path(cfg.model, d)
     tok = common.load_tokenizer(path)
-    raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
+    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
     policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
-    ref = common.reference_model(path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
 

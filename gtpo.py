@@ -15,6 +15,7 @@ What changes versus GRPO, numbered:
  2. The entropy filter δ and shaping A - γ⟨H⟩_i, γ = 0.1 (shaped_advantages); --ent_rule picks the
     paper's rule, the official code's (always 0.7), a percentile of past ⟨H⟩_i, or none.
  3. No KL term (β = 0), so no reference model.
+ 4. --gspo_token, GSPO + GTPO: GSPO-token's sequence ratio (clip 3e-4/4e-4) carries the per-token λ_it A_i.
 
 Launch:
     python gtpo.py --tiny                    # the embedded tiny default: CPU, no downloads, about a minute
@@ -72,6 +73,7 @@ class Config:
     micro_batch_size: int = 8  # sequences per forward/backward (accumulated within a mini-batch), in [1, inf)
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
     logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
+    lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
     # algorithm
     clip_eps: float = 0.2  # ε: PPO clip range for the token ratio, in (0, 1)
     beta: float = 0.0  # [GTPO] β: k3 KL coefficient, in [0, inf); 0 as in the paper (no KL, no reference model)
@@ -81,6 +83,9 @@ class Config:
     ent_threshold: float = 0.6931471805599453  # [GTPO] ⟨H⟩_i cut-off of the paper/always rules (ln 2), in (0, inf)
     ent_percentile: float = 95.0  # [GTPO] percentile rule: this percentile of every ⟨H⟩_i so far, in [0, 100]
     ent_initial: float = -1.0  # [GTPO] ⟨H⟩_ini for the paper rule (< 0: measured on the first rollout batch)
+    gspo_token: bool = False  # [GTPO] GSPO + GTPO: GSPO-token's sequence ratio carrying GTPO's per-token Â_it
+    gspo_eps_low: float = 3e-4  # [GTPO] with gspo_token: GSPO's ε_low on the sequence ratio (gspo.py), in (0, 1)
+    gspo_eps_high: float = 4e-4  # [GTPO] with gspo_token: GSPO's ε_high, in (0, inf)
     scale_adv: bool = True  # [GTPO] A = (R - mean)/std as GRPO; false = the official code's A = R - mean
     # evaluation and logging
     eval_every: int = 25  # held-out greedy evaluation every this many steps, in [0, inf) (0 = before and after)
@@ -166,21 +171,25 @@ def shaped_advantages(advantages, seq_entropy, threshold, gamma):  # [GTPO] A'_i
     return torch.where(keep, advantages - gamma * seq_entropy, torch.zeros_like(advantages)), keep
 
 
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, lam):  # [GTPO] + λ
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, lam, gspo_eps=None):  # [GTPO] + λ
     """-J_GTPO for a batch of sequences: per-sequence token mean, then mean over sequences.
 
     logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp is unused when beta == 0.
     """
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)                                        # ρ (B, T)
+    if gspo_eps:  # [GTPO] GSPO-token (gspo.py, eq. 14): s_it = sg[s_i] π_θ/sg[π_θ], s_i = exp(mean_t log ρ_it)
+        log_s = ((logp - old_logp) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
+        ratio = torch.exp(log_s.detach() + logp - logp.detach())
+    lo, hi = gspo_eps or (clip_eps, clip_eps)  # [GTPO] GSPO's (ε_low, ε_high) with the sequence ratio
     A = advantages[:, None] * lam  # [GTPO] Â_it = λ_it A'_i (λ >= 0: = λ·min(ρA, clip(ρ)A))
-    per_token = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+    per_token = torch.min(ratio * A, torch.clamp(ratio, 1 - lo, 1 + hi) * A)  # [GTPO]
     kl = kl_k3(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)       # (B, T)
     per_token = per_token - beta * kl
     per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)            # (B,)
     loss = -per_seq.mean()
     with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
-        clipped = ((A > 0) & (ratio > 1 + clip_eps)) | ((A < 0) & (ratio < 1 - clip_eps))
+        clipped = ((A > 0) & (ratio > 1 + hi)) | ((A < 0) & (ratio < 1 - lo))  # [GTPO]
         stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
                  "kl": ((kl * mask).sum(), mask.sum()),
                  "ratio": ((ratio * mask).sum(), mask.sum())}
@@ -194,7 +203,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, lam)
 def main():
     cfg = common.parse_config(Config, tiny=TINY)
     d = common.setup_distributed()
-    B = common.completions_per_rank(cfg, d)  # this rank's prompts x G
+    B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
 
@@ -203,14 +212,14 @@ def main():
     train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
     path = common.model_path(cfg.model, d)
     tok = common.load_tokenizer(path)
-    raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
+    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
     policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
-    ref = common.reference_model(path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     state = common.load_trainer_state(ckpt, optimizer, d) if ckpt else {"step": 0, "extra": {}}  # [GTPO]
-    h_ini, ent_history = state["extra"].get("ent_initial", cfg.ent_initial), state["extra"].get("ent_history", [])  # [GTPO]
-    start_step = state["step"]
+    start_step, extra = state["step"], state["extra"]  # [GTPO] ⟨H⟩_ini and the ⟨H⟩_i seen so far survive a resume
+    h_ini, ent_history = extra.get("ent_initial", cfg.ent_initial), extra.get("ent_history", [])
 
     # rewards and logging
     reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
@@ -268,7 +277,8 @@ def main():
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
-                                              advantages[ix], mask[ix], cfg.clip_eps, cfg.beta, lam[ix])  # [GTPO]
+                                              advantages[ix], mask[ix], cfg.clip_eps, cfg.beta, lam[ix],  # [GTPO]
+                                              (cfg.gspo_eps_low, cfg.gspo_eps_high) if cfg.gspo_token else None)
                     (loss * len(ix) / len(mb)).backward()
                 for key, (s, n) in stats.items():
                     common.accumulate(sums, key, s, n)

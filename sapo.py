@@ -1,8 +1,7 @@
 """
 SAPO: Soft Adaptive Policy Optimization (Gao et al., Qwen, arXiv 2511.20347).
 
-GRPO's hard clip zeroes a token's gradient once its ratio leaves the band. SAPO replaces it with a
-smooth gate that damps every token's gradient as its ratio leaves 1, negative advantages faster:
+SAPO replaces GRPO's hard clip with a smooth gate that damps every token's gradient as ρ leaves 1:
 
     J = 1/G Σ_i 1/|o_i| Σ_t f_it(ρ_it) Â_i                                                (eq. 5)
     f_it(x) = σ(τ_it (x - 1)) · 4/τ_it,   τ_it = τ_pos if Â_i > 0 else τ_neg                (eq. 6)
@@ -12,7 +11,7 @@ What changes versus GRPO, numbered:
  1. The gate f(ρ)Â replaces min(ρÂ, clip(ρ)Â); w = 1 at ρ = 1, so on-policy SAPO has GRPO's gradient.
  2. Two temperatures, τ_pos = 1.0 < τ_neg = 1.05 (the paper's; TRL and verl agree), instead of ε.
  3. No KL term (β = 0), so no reference model.
- 4. Logs the mean gate weight on positive and negative tokens instead of the clip fraction.
+ 4. Logs the mean gate weight by sign of Â, and the gradient share on tokens GRPO's clip zeroes.
 
 Launch:
     python sapo.py --tiny                    # the embedded tiny default: CPU, no downloads, about a minute
@@ -68,6 +67,7 @@ class Config:
     micro_batch_size: int = 8  # sequences per forward/backward (accumulated within a mini-batch), in [1, inf)
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
     logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
+    lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
     # algorithm
     tau_pos: float = 1.0  # [SAPO] τ_pos: gate temperature of tokens with Â > 0, in (0, inf); larger closes faster
     tau_neg: float = 1.05  # [SAPO] τ_neg: gate temperature of tokens with Â <= 0, in (0, inf); paper: > τ_pos
@@ -137,7 +137,12 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, tau_pos, tau_neg, be
     loss = -per_seq.mean()
     with torch.no_grad():  # [SAPO] the soft trust region at work: mean gate weight on Â > 0 and Â < 0 tokens
         w, pos, neg = gate_weight(ratio, tau), (A > 0).float() * mask, (A < 0).float() * mask
+        out = (((A > 0) & (ratio > 1.2)) | ((A < 0) & (ratio < 0.8))).float() * mask  # [SAPO] GRPO (ε=0.2) clips
+        g = (w * ratio * A).abs() * mask / mask.sum(1, keepdim=True).clamp_min(1)  # [SAPO] |dJ/dlogπ| per token, × B
+        z = g * (1 - logp.exp())  # [SAPO] ‖dJ/dlogits‖₁ / 2 per token, × B: d logπ/dlogits = onehot - π
         stats = {"gate_weight_pos": ((w * pos).sum(), pos.sum()), "gate_weight_neg": ((w * neg).sum(), neg.sum()),
+                 "grad_share_outside_clip": ((g * out).sum(), g.sum()), "frac_outside_clip": (out.sum(), mask.sum()),
+                 "logit_grad_share_outside_clip": ((z * out).sum(), z.sum()),
                  "kl": ((kl * mask).sum(), mask.sum()),
                  "ratio": ((ratio * mask).sum(), mask.sum())}
     return loss, stats
@@ -150,7 +155,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, tau_pos, tau_neg, be
 def main():
     cfg = common.parse_config(Config, tiny=TINY)
     d = common.setup_distributed()
-    B = common.completions_per_rank(cfg, d)  # this rank's prompts x G
+    B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
 
@@ -159,10 +164,10 @@ def main():
     train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
     path = common.model_path(cfg.model, d)
     tok = common.load_tokenizer(path)
-    raw = common.Policy(common.load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
+    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
     policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
-    ref = common.reference_model(path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
 

@@ -44,4 +44,4 @@ def test_logs_only_cli_and_missing_log_error(tmp_path):
     with pytest.raises(AssertionError, match="no log"):
         run([sys.executable, "compare.py", "--logs_only", "--algos=grpo", "--seeds=2", f"--out_dir={tmp_path}"])
     with pytest.raises(AssertionError, match="unknown trainer"):
-        run([sys.executable, "compare.py", "--logs_only", "--algos=ppo", f"--out_dir={tmp_path}"])
+        run([sys.executable, "compare.py", "--logs_only", "--algos=nope", f"--out_dir={tmp_path}"])

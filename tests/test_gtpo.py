@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import grpo
+import gspo
 import gtpo
 from conftest import F64, ROOT, padded, run, toy, torchrun, value_and_dj
 
@@ -488,12 +489,59 @@ def test_ent_initial_is_saved_in_the_checkpoint_and_restored_on_resume(two_steps
     assert state2["extra"]["ent_initial"] == h_ini and len(state2["extra"]["ent_history"]) == 2 * 16 * 8
 
 
-def test_torchrun_two_ranks_percentile(tmp_path, tiny_dir):
-    """2 gloo ranks with the percentile rule: one shared cut-off, so filtering happens and replicas agree."""
+def test_torchrun_two_ranks_percentile_with_gspo_token(tmp_path, tiny_dir):
+    """2 gloo ranks with the percentile rule: one shared cut-off, so filtering happens and replicas agree; and
+    the GSPO + GTPO option, whose sequence clip (3e-4 / 4e-4) removes more tokens than GTPO's ε = 0.2."""
     run(torchrun(2, "gtpo.py", "--tiny", "--num_steps=2", "--eval_problems=8", "--ent_rule=percentile",
-                 "--ent_percentile=75", f"--run_dir={tmp_path}"))
+                 "--ent_percentile=75", "--gspo_token", f"--run_dir={tmp_path}"))
     metrics = read_metrics(tmp_path)
-    assert sorted(metrics) == [0, 1, 2]
+    assert sorted(metrics) == [0, 1, 2] and json.load(open(tmp_path / "config.json"))["gspo_token"] is True
+    assert metrics[2]["clip_frac"] > 0.05  # the off-policy second mini-batch leaves a ±4e-4 band
     # the 75th percentile of the entropies seen so far filters about a quarter of the first batch
     assert 0.2 <= metrics[1]["filtered_frac"] <= 0.3
     assert metrics[1]["ent_threshold"] < 1e9 and metrics[2]["ent_threshold"] < 1e9
+
+
+# -----------------------------------------------------------------------------
+# GSPO + GTPO (--gspo_token): GSPO-token's sequence ratio carrying GTPO's per-token advantages
+
+
+def random_batch(seed, B=6, T=7):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lens[:, None]).to(F64)
+    old = -torch.rand(B, T, generator=g, dtype=F64) * 2
+    new = (old + 5e-4 * torch.randn(B, T, generator=g, dtype=F64)).requires_grad_(True)  # around GSPO's band
+    lam = torch.tensor([0.0, 1.0, 2.0, 4.0], dtype=F64)[torch.randint(0, 4, (B, T), generator=g)]
+    return new, old, mask, torch.randn(B, generator=g, dtype=F64), lam
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gspo_token_with_lambda_one_is_gspo(seed):
+    new, old, mask, adv, _ = random_batch(seed)
+    loss, stats = gtpo.policy_loss(new, old, None, adv, mask, 0.2, 0.0, torch.ones_like(mask), (3e-4, 4e-4))
+    g1 = torch.autograd.grad(loss, new)[0]
+    want, want_stats = gspo.policy_loss(new, old, None, adv, mask, 3e-4, 4e-4, 0.0, gspo_token=True)
+    g2 = torch.autograd.grad(want, new)[0]
+    assert loss.item() == pytest.approx(want.item(), abs=1e-12) and torch.allclose(g1, g2, atol=1e-12)
+    assert stats["clip_frac"][0] == want_stats["clip_frac"][0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gspo_token_carries_per_token_advantages(seed):
+    """Against python loops: s_i = exp(mean_t log ρ_it); J = 1/B Σ_i 1/|o_i| Σ_t min(s_i Â_it, clip(s_i) Â_it) with
+    Â_it = λ_it A_i; dJ/dlogπ_it = [unclipped] s_i Â_it / (|o_i| B), every token its own advantage."""
+    new, old, mask, adv, lam = random_batch(seed)
+    loss, _ = gtpo.policy_loss(new, old, None, adv, mask, 0.2, 0.0, lam, (3e-4, 4e-4))
+    loss.backward()
+    B, J = len(adv), 0.0
+    for i in range(B):
+        n = int(mask[i].sum())
+        s = math.exp(sum(new[i, t].item() - old[i, t].item() for t in range(n)) / n)
+        for t in range(n):
+            a = lam[i, t].item() * adv[i].item()
+            J += min(s * a, min(max(s, 1 - 3e-4), 1 + 4e-4) * a) / n / B
+            unclipped = not ((a > 0 and s > 1 + 4e-4) or (a < 0 and s < 1 - 3e-4))
+            assert -new.grad[i, t].item() == pytest.approx(s * a / n / B if unclipped else 0.0, abs=1e-12)
+        assert new.grad[i, n:].abs().sum() == 0
+    assert loss.item() == pytest.approx(-J, abs=1e-12)

@@ -1,6 +1,7 @@
 """SAPO (sapo.py): the spec's gate/weight table and shared-toy vectors (ALGORITHMS.md §4), an independent
-loop-based computation, τ chosen by the advantage's sign, the optional k3 KL term, the on-policy equivalence
-with GRPO, the config's range check, and smoke runs (1 process and 2-process gloo)."""
+loop-based computation, τ chosen by the advantage's sign, the logged gradient shares of the tokens outside
+GRPO's clip band, the optional k3 KL term, the on-policy equivalence with GRPO, the config's range check,
+and smoke runs (1 process and 2-process gloo)."""
 import json
 import math
 import os
@@ -111,6 +112,56 @@ def test_shared_toy_loss_and_gradient():
     assert mean(stats, "kl") == 0  # β = 0: no KL term
 
 
+def test_gradient_share_outside_grpo_clip():
+    # grad_share_outside_clip: the share of Σ|dJ/dlogπ| on the tokens where GRPO's (ε = 0.2) gradient is 0;
+    # frac_outside_clip: their share of the tokens. Independently: zero entries of grpo.policy_loss's gradient.
+    new, old, ref, mask, rewards = toy()
+    grpo.policy_loss(new, old, ref, grpo.group_advantages(rewards, 4), mask, 0.2, 0.0)[0].backward()
+    zeroed = (new.grad == 0) & (mask > 0)
+    assert zeroed.nonzero().tolist() == [[0, 1], [1, 0], [3, 1]]  # o1 t2, o2 t1, o4 t2 (ALGORITHMS.md §4 (i))
+    _, dJ, _, stats, _ = toy_loss()
+    share = (dJ.abs()[zeroed].sum() / dJ.abs()[mask > 0].sum()).item()
+    assert mean(stats, "grad_share_outside_clip") == pytest.approx(share, abs=1e-12)
+    # by hand from the spec's dJ/dlogπ (1/|o_i| included): 0.387952 / 1.112238
+    spec = [0.137765, 0.163673, 0.060606, 0.083333, 0.100421, 0.301262, 0.101505, 0.163673]
+    assert mean(stats, "grad_share_outside_clip") == pytest.approx((spec[1] + spec[2] + spec[7]) / sum(spec), abs=2e-6)
+    assert mean(stats, "frac_outside_clip") == 3 / 8
+    # on-policy (ρ ≡ 1) no token is outside the band. At ρ ≡ e^0.5 every Â > 0 token is (o1, o4: 4 of 8), and
+    # each completion's |dJ/dlogπ| sums to w·ρ·|Â|/G whatever its length, so the share is w_pos / (w_pos + w_neg)
+    w = lambda r, t: 1 / math.cosh(t * (r - 1) / 2) ** 2  # noqa: E731
+    r = math.exp(0.5)
+    for shift, share, frac in [(0.0, 0.0, 0.0), (0.5, w(r, TAU_POS) / (w(r, TAU_POS) + w(r, TAU_NEG)), 0.5)]:
+        _, old, ref, mask, rewards = toy()
+        _, st = sapo.policy_loss(old + shift, old, ref, sapo.group_advantages(rewards, 4), mask, TAU_POS, TAU_NEG, 0.0)
+        assert mean(st, "grad_share_outside_clip") == pytest.approx(share, abs=1e-12)
+        assert mean(st, "frac_outside_clip") == frac
+
+
+def test_logit_gradient_share_outside_grpo_clip():
+    # logit_grad_share_outside_clip: the same share for the gradient on each token's logits, whose L1 norm is
+    # 2 (1 - π) |dJ/dlogπ|. Toy, by hand from the spec's dJ/dlogπ and π = exp(new):
+    _, dJ, _, stats, _ = toy_loss()
+    spec = [0.137765, 0.163673, 0.060606, 0.083333, 0.100421, 0.301262, 0.101505, 0.163673]
+    z = [d * (1 - math.exp(n)) for d, n in zip(spec, [x for row in NEW for x in row])]
+    assert mean(stats, "logit_grad_share_outside_clip") == pytest.approx((z[1] + z[2] + z[7]) / sum(z), abs=2e-6)
+    # and through autograd on real logits: per-token L1 norms of dJ/dlogits, outside the band over all
+    g = torch.Generator().manual_seed(5)
+    B, T, V = 8, 6, 5
+    logits = (torch.randn(B, T, V, generator=g, dtype=F64) * 2).requires_grad_(True)
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.arange(T)[None, :] < torch.randint(1, T + 1, (B,), generator=g)[:, None]).double()
+    logp = torch.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0]
+    old = logp.detach() + torch.randn(B, T, generator=g, dtype=F64) * 0.4
+    adv = sapo.group_advantages(torch.randint(0, 2, (B,), generator=g).double(), 4)
+    loss, st = sapo.policy_loss(logp, old, None, adv, mask, TAU_POS, TAU_NEG, 0.0)
+    loss.backward()
+    l1 = logits.grad.abs().sum(-1) * mask
+    rho = (logp.detach() - old).exp()
+    out = ((adv[:, None] > 0) & (rho > 1.2)) | ((adv[:, None] < 0) & (rho < 0.8))
+    assert 0 < out[mask > 0].sum() < (mask > 0).sum()
+    assert mean(st, "logit_grad_share_outside_clip") == pytest.approx((l1[out].sum() / l1.sum()).item(), abs=1e-12)
+
+
 def test_shared_toy_gate_values_and_trl_advantages():
     # ALGORITHMS.md §4 (i): the gate f(ρ) per token, and the loss with TRL's advantages (sample std): -0.062980
     new, old, _, mask, _ = toy()
@@ -214,6 +265,9 @@ def check_run(p, run_dir, steps):
     weights = [r[k] for r in rows for k in ("gate_weight_pos", "gate_weight_neg") if not math.isnan(r[k])]
     assert weights and all(0 < w <= 1 for w in weights)
     assert min(weights) < 1  # the second mini-batch of each step is off-policy, so the gate acts
+    shares = [r[k] for r in rows for k in ("grad_share_outside_clip", "logit_grad_share_outside_clip")
+              if not math.isnan(r[k])]
+    assert shares and all(0 <= s <= 1 for s in shares) and all(0 <= r["frac_outside_clip"] <= 1 for r in rows)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
     assert "clip_frac" not in rows[0]
     assert all(r["kl"] == 0 for r in rows)  # β = 0 by default: no KL term, no reference model
