@@ -158,8 +158,7 @@ def setup_distributed():
     """Init the process group when launched by torchrun (nccl on GPU, gloo on CPU); pick the device."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         if torch.cuda.is_available():
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
@@ -190,8 +189,9 @@ def check_replicas(module, optimizer, d):
 
 
 def cleanup_distributed(d):
-    """Tear down the process group if there is one."""
+    """Tear down the process group if there is one, every rank at once (a peer that leaves early can abort gloo)."""
     if d.ddp:
+        dist.barrier()
         dist.destroy_process_group()
 
 
