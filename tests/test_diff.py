@@ -7,6 +7,7 @@ Rules, for every trainer X:
    line with a trailing `# [X]` comment; a hunk that only deletes lines needs none (the reader sees the
    `-` lines). The marker lives in comments only, never inside a string or docstring.
 3. Shape: every trainer's module docstring is at most 30 lines and ends with "Details: docs/<x>.md".
+4. Size: common.py stays within 750 lines and README.md within 300, so both can be read in one sitting.
 """
 import ast
 import difflib
@@ -93,6 +94,12 @@ def test_docstring_shape(name):
         assert part in doc, f"{name}: the docstring lacks {part!r}"
     assert lines[-1] == f"Details: docs/{name[:-3]}.md", f"{name}: the docstring must end with 'Details: docs/...'"
     assert os.path.isfile(os.path.join(ROOT, "docs", name[:-3] + ".md")), f"docs/{name[:-3]}.md is missing"
+
+
+@pytest.mark.parametrize("name,limit", [("common.py", 750), ("README.md", 300)])
+def test_shared_files_stay_short(name, limit):
+    n = len(open(os.path.join(ROOT, name)).read().splitlines())
+    assert n <= limit, f"{name} is {n} lines; at most {limit}: move the extra into its own module or into docs/"
 
 
 def test_checker_catches_unmarked_change_and_accepts_pure_deletion():
