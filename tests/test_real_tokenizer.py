@@ -32,7 +32,7 @@ CPU = torch.device("cpu")
 def gsm8k_rows(split, n):
     path = os.path.join(SHARED_GSM8K, f"{split}.jsonl")
     if not os.path.isfile(path):
-        pytest.skip(f"{path} not present (../shared is absent)")
+        pytest.skip(f"{path} not present (set GSM8K_DIR to a directory holding it)")
     with open(path) as f:
         return [json.loads(next(f)) for _ in range(n)]
 

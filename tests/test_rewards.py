@@ -16,7 +16,7 @@ from conftest import SHARED_GSM8K
 def shared_rows(split):
     path = os.path.join(SHARED_GSM8K, f"{split}.jsonl")
     if not os.path.isfile(path):
-        pytest.skip(f"{path} not present (../shared is absent)")
+        pytest.skip(f"{path} not present (set GSM8K_DIR to a directory holding it)")
     return [json.loads(l) for l in open(path)]
 
 
