@@ -43,6 +43,19 @@ def run(cmd, timeout=900, env=None):
     return p
 
 
+def cli_error(module, argv, capsys, monkeypatch):
+    """`python <module>.py argv` run in process through common.run (as its __main__ does): assert exit
+    status 2 and exactly one stderr line, no traceback; return that line."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        common.run(module.main)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exc.value.code == 2, (exc.value.code, err[-3000:])
+    assert len(lines) == 1 and lines[0].startswith(f"{module.__name__}.py: error: "), err[-3000:]
+    return lines[0]
+
+
 def torchrun(nproc, *args):
     """The argv of a CPU torchrun launch with `nproc` gloo processes, on a port of its own."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",

@@ -4,7 +4,6 @@ gradient, the micro-batch scaling of the training loop, and short runs (1 proces
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 import drgrpo
 import grpo
-from conftest import F64, NEW, REF, REWARDS, ROOT, padded, run, toy, torchrun, value_and_dj
+from conftest import F64, NEW, REF, REWARDS, cli_error, padded, run, toy, torchrun, value_and_dj
 
 L_TOY = 4  # the spec's constant for the toy
 
@@ -213,12 +212,9 @@ def test_config_defaults():
     assert cfg.max_new_tokens == 300  # L_max of the loss
 
 
-def test_a_bad_setting_exits_2_with_one_line():
-    p = subprocess.run([sys.executable, "drgrpo.py", "--tiny", "--beta=-1"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 2, p.stdout + p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("drgrpo.py: error: --beta=") and "out of range" in lines[0]
+def test_a_bad_setting_exits_2_with_one_line(capsys, monkeypatch):
+    line = cli_error(drgrpo, ["--tiny", "--beta=-1"], capsys, monkeypatch)
+    assert line.startswith("drgrpo.py: error: --beta=") and "out of range" in line
 
 
 def check_run(run_dir, steps, beta):

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 import gfpo
 import grpo
-from conftest import NEW, OLD, REF, ROOT, padded, run, toy, torchrun, value_and_dj
+from conftest import NEW, OLD, REF, cli_error, padded, run, toy, torchrun, value_and_dj
 
 # ALGORITHMS.md §5(i): G = 8, k = 4
 R8 = [1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
@@ -274,23 +273,13 @@ def test_ddp_update_equals_single_process_update(tiny_dir):
     assert p.stdout.count("DDP update == single-process update") == 2
 
 
-def user_error(*flags):
-    """Run gfpo.py with `flags`; return its stderr after checking the exit status 2 of a UserError."""
-    p = subprocess.run([sys.executable, "gfpo.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2, f"exit {p.returncode}\n--- stdout\n{p.stdout[-2000:]}\n--- stderr\n{p.stderr[-4000:]}"
-    assert "Traceback" not in p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gfpo.py: error: "), p.stderr
-    return lines[0]
-
-
-def test_unknown_metric_is_a_clear_error(tmp_path):
-    line = user_error("--tiny", "--filter_metric=longest", f"--run_dir={tmp_path / 'run'}")
+def test_unknown_metric_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    line = cli_error(gfpo, ["--tiny", "--filter_metric=longest", f"--run_dir={tmp_path / 'run'}"], capsys, monkeypatch)
     assert "--filter_metric" in line and "longest" in line
     assert not os.path.exists(tmp_path / "run")  # refused before anything ran
 
 
-def test_bad_keep_is_a_clear_error(tmp_path):
-    line = user_error("--tiny", "--keep=17", f"--run_dir={tmp_path / 'run'}")  # k > G = 16
+def test_bad_keep_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    line = cli_error(gfpo, ["--tiny", "--keep=17", f"--run_dir={tmp_path / 'run'}"], capsys, monkeypatch)  # k > G = 16
     assert "keep" in line and "17" in line and "group_size=16" in line
     assert not os.path.exists(tmp_path / "run")

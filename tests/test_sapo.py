@@ -5,7 +5,6 @@ and smoke runs (1 process and 2-process gloo)."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 import grpo
 import sapo
-from conftest import F64, NEW, REF, ROOT, padded, run, toy, torchrun, value_and_dj
+from conftest import F64, NEW, REF, cli_error, padded, run, toy, torchrun, value_and_dj
 
 TAU_POS, TAU_NEG = 1.0, 1.05
 
@@ -292,14 +291,8 @@ def test_smoke_tiny_ddp_gloo(tiny_dir, tmp_path):
     check_run(p, run_dir, 2)
 
 
-def test_rejects_nonpositive_temperature(tmp_path):
+def test_rejects_nonpositive_temperature(tmp_path, capsys, monkeypatch):
     # the gate divides by τ: the config's range check refuses τ_neg = 0 before any model is loaded
     run_dir = tmp_path / "run"
-    p = subprocess.run([sys.executable, "sapo.py", "--tiny", "--tau_neg=0", f"--run_dir={run_dir}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("sapo.py: error: ") and "--tau_neg" in lines[0]
-    assert "Traceback" not in p.stderr and p.stdout == ""
+    assert "--tau_neg" in cli_error(sapo, ["--tiny", "--tau_neg=0", f"--run_dir={run_dir}"], capsys, monkeypatch)
     assert not run_dir.exists()

@@ -17,7 +17,7 @@ import common
 import evaluation
 import grpo
 import gsm8k
-from conftest import ROOT, run, single_process
+from conftest import ROOT, cli_error, run, single_process
 
 FAST = ["--tiny", "--batch_prompts=4", "--group_size=4", "--eval_problems=8", "--eval_every=0"]
 
@@ -122,23 +122,25 @@ def test_bad_references_and_inputs_are_clear_errors():
 # 3 and 8. run directories hold one run; resume compares settings; `latest` always names a checkpoint
 
 
-def test_a_fresh_run_into_a_used_run_dir_stops_and_overwrite_starts_over(tiny_dir, tmp_path):
+def test_a_fresh_run_into_a_used_run_dir_stops_and_overwrite_starts_over(tiny_dir, tmp_path, capsys, monkeypatch):
     r = tmp_path / "R"
     run([sys.executable, "grpo.py", *FAST, "--num_steps=3", "--save_every=1", f"--run_dir={r}"])
     # before: the second run trained, then its cleanup deleted its own checkpoint and `latest` named nothing
-    fails([*FAST, "--num_steps=1", f"--run_dir={r}"], "already holds another run", "--resume=", "--overwrite")
+    line = cli_error(grpo, [*FAST, "--num_steps=1", f"--run_dir={r}"], capsys, monkeypatch)
+    assert all(w in line for w in ("already holds another run", "--resume=", "--overwrite")), line
     run([sys.executable, "grpo.py", *FAST, "--num_steps=1", f"--run_dir={r}", "--overwrite"])
     assert sorted(x for x in os.listdir(r) if x.startswith("ckpt")) == ["ckpt-000001"]
     assert (r / "latest").read_text() == "ckpt-000001" and (r / "ckpt-000001" / "trainer_state.pt").is_file()
     assert [json.loads(l)["step"] for l in open(r / "metrics.jsonl")] == [0, 1]  # only the new run's log
 
 
-def test_resume_refuses_changed_settings_and_allows_more_steps(tiny_dir, tmp_path, monkeypatch):
+def test_resume_refuses_changed_settings_and_allows_more_steps(tiny_dir, tmp_path, capsys, monkeypatch):
     r = tmp_path / "R"
     run([sys.executable, "grpo.py", *FAST, "--num_steps=1", f"--run_dir={r}"])
     # before: --resume continued silently with the new seed and learning rate
-    msg = fails([*FAST, "--num_steps=2", f"--run_dir={r}", f"--resume={r}", "--lr=1e-3", "--seed=5"],
-                "saved with other settings")
+    msg = cli_error(grpo, [*FAST, "--num_steps=2", f"--run_dir={r}", f"--resume={r}", "--lr=1e-3", "--seed=5"],
+                    capsys, monkeypatch)
+    assert "saved with other settings" in msg
     assert "--lr=0.001 (saved: 0.0002)" in msg and "--seed=5 (saved: 0)" in msg
     user_error([*FAST, "--num_steps=1", f"--run_dir={r}", f"--resume={r}"], "at step 1 and --num_steps=1: nothing to do",
                monkeypatch=monkeypatch)  # before: exit 0, saying nothing
