@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -291,8 +292,11 @@ def load_model(path, device, dtype=torch.float32):
     """Causal LM from a hub name or local dir, in `dtype` (fp32 master weights: bf16 would round lr=1e-6
     updates away), on `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # transformers >= 5 draws a bar per load on stderr, where errors go
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **_dtype_kwarg(dtype))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), use_safetensors=True,  # no pickles
+                                                     **_dtype_kwarg(dtype))
     except Exception as e:  # missing or damaged weights (safetensors, pickle, json) each raise their own type
         raise _load_error("model", path, e) from None
     return model.to(device).eval()
@@ -549,12 +553,21 @@ def accumulate(sums, key, total, count):
     sums[key] = (old[0] + float(total), old[1] + float(count))
 
 
+class Metrics(dict):
+    """{name: mean}, NaN where nothing was counted; .diverged: the losses and gradient norms that were counted and
+    are not finite (Logger.log stops the run on them)."""
+    diverged = ()
+
+
 def reduce_metrics(sums, d):
-    """Average a dict of {name: (sum, count)} over all ranks; returns {name: mean}."""
+    """Average a dict of {name: (sum, count)} over all ranks; returns Metrics {name: mean}, the same on every rank."""
     names = sorted(sums)
     t = torch.tensor([[float(sums[k][0]), float(sums[k][1])] for k in names], dtype=torch.float64, device=d.device)
     t = all_reduce_sum(t, d).cpu()
-    return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(names)}
+    m = Metrics({k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(names)})
+    m.diverged = [k for i, k in enumerate(names) if k.endswith(("loss", "grad_norm")) and t[i, 1] > 0
+                  and not math.isfinite(m[k])]
+    return m
 
 
 def progress(metrics):
@@ -564,26 +577,40 @@ def progress(metrics):
     return {label: fmt.format(metrics[key]) for label, key, fmt in show if key in metrics}
 
 
+def versions(cfg=None):
+    """python, torch, transformers and, when --lora_rank uses it, peft: what a problem report needs."""
+    import transformers
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+    return {**v, "peft": __import__("peft").__version__} if getattr(cfg, "lora_rank", 0) else v
+
+
 class Logger:
-    """Writes one JSON line of metrics per step to run_dir/metrics.jsonl (and wandb if asked)."""
+    """Writes one JSON line of metrics per step to run_dir/metrics.jsonl (and wandb if asked); prints the versions
+    once and keeps them in config.json."""
 
     def __init__(self, run_dir, cfg, master, wandb_project=""):
-        self.master, self.wandb = master, None
+        self.master, self.wandb, self.lr = master, None, cfg.lr
         if not master:
             return
+        print("versions:", json.dumps(v := versions(cfg)), flush=True)
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if not getattr(cfg, "resume", ""):  # a fresh run starts a fresh log; a resumed one appends
             open(self.path, "w").close()
         with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+            json.dump({**dataclasses.asdict(cfg), "versions": v}, f, indent=2)
         if wandb_project:
             if importlib.util.find_spec("wandb") is None:
                 raise UserError("--wandb_project was given but wandb is not installed: pip install wandb")
             self.wandb = __import__("wandb").init(project=wandb_project, config=dataclasses.asdict(cfg))
 
     def log(self, step, metrics):
-        """Append {'step': step, **metrics} to metrics.jsonl (master process only); NaN (nothing counted) as null."""
+        """Append {'step': step, **metrics} to metrics.jsonl (master process only); NaN (nothing counted) as null.
+        A loss or gradient norm that is not finite stops the run on every rank (they hold the same reduced metrics)
+        before this step is logged or saved."""
+        for k in getattr(metrics, "diverged", ()):
+            raise UserError(f"step {step}: {k} is {metrics[k]} (not finite): the update diverged, most often from too "
+                            f"high a learning rate (--lr={self.lr}); this step was neither logged nor saved")
         if not self.master:
             return
         metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
@@ -662,6 +689,9 @@ def start_run(cfg, d):
 def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=None):
     """Write run_dir/ckpt-{step} (HF format + trainer state, `extra` values a trainer measured) atomically;
     keep this run's last `keep` checkpoints. At every instant `latest` names a complete checkpoint."""
+    if not all(torch.isfinite(p).all() for p in lm.parameters()):  # identical on every rank: all stop together
+        raise UserError(f"step {step}: the weights are not finite: the update diverged (lower --lr={cfg.lr}); "
+                        "not saved, `latest` names the last good checkpoint")
     final = os.path.join(run_dir, f"ckpt-{step:06d}")
     tmp, old = final + ".tmp", final + ".old"
     run_id = open(os.path.join(run_dir, "run_id")).read().strip()
@@ -670,7 +700,9 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
         os.makedirs(tmp)
     if d.ddp:
         dist.barrier()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    npr = np.random.get_state()  # as plain values and tensors, so that loading it runs no pickled code
+    rng = {"python": random.getstate(), "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
+           "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # every RNG a run draws from
     torch.save(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
     if d.ddp:
@@ -684,7 +716,8 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                     "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "run_config.json"), "w") as f:  # written last: tmp is complete
-            json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step}, f, indent=1)
+            json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step, "versions": versions(cfg)},
+                      f, indent=1)
         if os.path.isdir(final):  # a re-save: renames only, and resolve_latest falls back to the complete tmp
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -726,9 +759,14 @@ def find_checkpoint(path):
 
 
 def _load(path):
-    """torch.load of a checkpoint file, on the CPU; a missing or damaged file is a UserError naming it."""
+    """torch.load of a checkpoint file, on the CPU, weights_only: tensors, numbers, strings, lists and dicts, never
+    pickled code (a shared checkpoint must not run anything); a missing, damaged or foreign file is a UserError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only met something else than plain data: refused, never run
+        what = next((x.strip() for x in str(e).splitlines() if "GLOBAL" in x), "an object that is not plain data")
+        raise UserError(f"{path}: refused: it holds objects that loading would run ({what[:100]}); only checkpoints "
+                        "of plain data (tensors, numbers, strings, lists, dicts) load: use another ckpt-* dir") from None
     except Exception as e:  # a truncated or foreign file raises whatever its unpickler meets
         raise UserError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: {str(e)[:120]}); "
                         "resume from another ckpt-* dir") from None
@@ -743,7 +781,7 @@ def load_trainer_state(ckpt, optimizer, d):
     optimizer.load_state_dict(state.pop("optimizer"))
     rng = _load(os.path.join(ckpt, f"rng_rank{d.rank}.pt"))
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -125,6 +125,7 @@ def main(argv=None):
     check_config(cfg)
     d = common.setup_distributed()
     log = print if d.master_process else (lambda *a, **k: None)
+    log("versions:", json.dumps(versions := common.versions()))
     model_path = common.model_path(cfg.model, d)
     problems = load_eval_problems(cfg)
     source = {"tiny": "tiny task", "": gsm8k.GSM8K_HUB}.get(cfg.data_path, cfg.data_path)
@@ -150,7 +151,8 @@ def main(argv=None):
                    "decoding": "greedy" if cfg.temperature <= 0 else "sampling",
                    "interval": "95% Wilson score interval, problems as trials", "metrics": metrics,
                    "example_prompt": gsm8k.build_prompt(tok, problems[0]["question"], cfg.system_prompt),
-                   "config": asdict(cfg), "world_size": d.world_size, "eval_seconds": round(seconds, 1)}
+                   "config": asdict(cfg), "world_size": d.world_size, "eval_seconds": round(seconds, 1),
+                   "versions": versions}
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
         log(report(metrics, cfg, model_path, source))

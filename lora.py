@@ -11,13 +11,17 @@ Defaults, from "LoRA Without Regret" (Schulman et al., Thinking Machines, 2025) 
 reproduces for GRPO: adapters on every linear layer of the decoder (attention-only LoRA underperforms at
 any rank), alpha = 32 whatever the rank (the alpha / r scaling keeps the best learning rate about the same
 across ranks), rank 1 to 32 for RL, and a learning rate about 10x full fine-tuning's (TRL: 1e-5 vs 1e-6).
-peft is an optional dependency, imported only when --lora_rank > 0.
+peft is an optional dependency, imported only when --lora_rank > 0. This file calls peft's own functions
+(inject_adapter_in_model, the tuner layers' enable_adapters, get/set_peft_model_state_dict), not transformers'
+add_adapter, which refuses to run whenever a transformers release raises its minimum peft (5.25 asks for a peft
+newer than PyPI's): the model stays a plain Qwen2ForCausalLM with peft's LoRA layers in place of its linears.
 """
 import contextlib
 import os
 
 import torch
 
+PREFIX = "base_model.model."  # peft's adapter files name weights as a PeftModel wrapping the model does
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALPHA = 32
 
@@ -25,9 +29,9 @@ ALPHA = 32
 def add(lm, rank, ckpt=""):
     """Freeze lm and inject rank-`rank` LoRA adapters (B = 0), trained in fp32 on any base dtype; with `ckpt`, the
     adapter saved there."""
-    from peft import LoraConfig  # the caller checked that peft is installed
+    from peft import inject_adapter_in_model  # the caller checked that peft is installed
     lm.requires_grad_(False)
-    lm.add_adapter(LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS)))
+    inject_adapter_in_model(config(rank), lm)  # in place: lm keeps its class, names and forward
     for p in lm.parameters():
         if p.requires_grad:  # the adapters: fp32 master weights even on a bf16 base
             p.data = p.data.float()
@@ -36,19 +40,31 @@ def add(lm, rank, ckpt=""):
     return lm
 
 
+def config(rank):
+    """The adapter's settings, as peft stores them in adapter/adapter_config.json."""
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM")
+
+
+def _layers(lm):
+    return [m for m in lm.modules() if hasattr(m, "base_layer")]
+
+
 def has_adapters(lm):
     """True if LoRA adapters sit in lm."""
-    return any(hasattr(m, "base_layer") for m in lm.modules())
+    return bool(_layers(lm))
 
 
 @contextlib.contextmanager
 def disabled(lm):
     """Inside, lm computes as its base model; the adapters come back on exit."""
-    lm.disable_adapters()
+    for m in _layers(lm):
+        m.enable_adapters(False)
     try:
         yield lm
     finally:
-        lm.enable_adapters()
+        for m in _layers(lm):
+            m.enable_adapters(True)
 
 
 class AdaptersOff(torch.nn.Module):
@@ -91,11 +107,18 @@ def merged_state_dict(lm):
 def save(lm, out):
     """out/: a Hugging Face model dir of the merged weights (from_pretrained, eval_gsm8k.py and sample.py load
     it as any model); out/adapter/: the adapter alone, in peft's format."""
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
     save_file(merged_state_dict(lm), os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     lm.config.save_pretrained(out)
     lm.generation_config.save_pretrained(out)
-    lm.save_pretrained(os.path.join(out, "adapter"))  # with adapters in it, save_pretrained writes only them
+    rank = _layers(lm)[0].r["default"]
+    adapter = os.path.join(out, "adapter")  # peft's layout: PeftModel.from_pretrained(base, adapter) loads it
+    cfg = config(rank)
+    cfg.base_model_name_or_path = lm.config.name_or_path
+    cfg.save_pretrained(adapter)
+    sd = {PREFIX + k: v.detach().contiguous() for k, v in get_peft_model_state_dict(lm).items()}
+    save_file(sd, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def load(lm, ckpt):
@@ -103,5 +126,5 @@ def load(lm, ckpt):
     from safetensors.torch import load_file
     saved = load_file(os.path.join(ckpt, "adapter", "adapter_model.safetensors"))
     for name, p in lm.named_parameters():
-        if "lora_" in name:  # peft's file names drop the adapter name and prefix base_model.model.
-            p.data.copy_(saved["base_model.model." + name.replace(".default.", ".")])
+        if "lora_" in name:  # peft's file names drop the adapter name and add PREFIX
+            p.data.copy_(saved[PREFIX + name.replace(".default.", ".")])

@@ -14,6 +14,7 @@ Launch:
     python sample.py --model=runs/grpo --prompt="What is 12 * 7 - 5?"
     python sample.py --model=Qwen/Qwen2.5-1.5B-Instruct --prompt_file=questions.txt --num_samples=2 --temperature=0.7
 """
+import json
 import os
 from dataclasses import dataclass
 
@@ -100,6 +101,7 @@ def main(argv=None):
     if not cfg.model:
         raise common.UserError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
     prompts = load_prompts(cfg)  # prompt errors surface before any model is loaded
+    print("versions:", json.dumps(common.versions()), flush=True)
     d = common.Dist(False, 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True)
     model_path = common.model_path(cfg.model, d)
     tok = common.load_tokenizer(model_path)

@@ -190,6 +190,7 @@ def test_eval_script_one_vs_two_processes(tmp_path):
     assert p1.read_text() == p2.read_text(), "predictions differ between 1 and 2 processes"
     s1, s2 = (json.load(open(tmp_path / x / "summary.json")) for x in ("one", "two"))
     assert s1["metrics"] == s2["metrics"] and (s1["world_size"], s2["world_size"]) == (1, 2)
+    assert s1["versions"] == common.versions() and out1.count("versions: ") == 1  # for problem reports
 
     preds = read_jsonl(p1)
     assert len(preds) == 9 == s1["problems"]  # one line per problem, the first --limit of them, in order
@@ -222,6 +223,7 @@ def test_sample_on_saved_checkpoint(tmp_path, tiny_setup):
     out = run([sys.executable, "sample.py", "--tiny", f"--model={tmp_path / 'run'}", "--num_questions=2",
                "--num_samples=2", "--temperature=1.0"], env=ENV).stdout
     assert f"model: {ckpt}" in out  # the run dir resolved to its latest checkpoint
+    assert out.splitlines()[0] == "versions: " + json.dumps(common.versions())
     assert "=== prompt 1/2 (reference answer" in out and "=== prompt 2/2" in out
     lines = [l for l in out.splitlines() if l.startswith("--- completion")]
     assert len(lines) == 4 and all("answer" in l and "| reward " in l for l in lines)

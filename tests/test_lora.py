@@ -115,6 +115,20 @@ def test_a_checkpoint_holds_a_merged_model_and_the_adapter(tiny_dir, tmp_path):
         assert n == m and torch.equal(p, q)
 
 
+def test_peft_itself_loads_the_saved_adapter(tiny_dir, tmp_path):
+    """adapter/ is in peft's own format: PeftModel.from_pretrained on the plain base computes what the policy did."""
+    from peft import PeftModel
+    policy = policy_with_moved_adapters(tiny_dir, seed=3)
+    (tmp_path / "run_id").write_text("r")
+    cfg = dataclasses.replace(CFG, run_dir=str(tmp_path))
+    ckpt = common.save_checkpoint(str(tmp_path), 1, policy.lm, common.load_tokenizer(tiny_dir),
+                                  torch.optim.AdamW(policy.parameters()), cfg, single_process())
+    peft_model = PeftModel.from_pretrained(common.load_model(tiny_dir, CPU), f"{ckpt}/adapter").eval()
+    ids = torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(peft_model(ids).logits, policy.lm(ids).logits)  # the same layers, the same numbers
+
+
 def test_without_peft_the_error_names_the_install_command(tiny_dir, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
@@ -133,6 +147,8 @@ def test_a_lora_run_resumes_exactly(tiny_dir, tmp_path):
     run([sys.executable, "grpo.py", *LORA, "--num_steps=4", "--save_every=2", "--eval_every=0", f"--run_dir={b}",
          f"--resume={b}"])
     ma, mb = metrics(a), metrics(b)
+    import peft  # the run printed and kept the versions a problem report needs, peft's among them
+    assert json.load(open(a / "config.json"))["versions"]["peft"] == peft.__version__
     for step in (3, 4):
         for key in ("loss", "reward", "kl", "clip_frac", "grad_norm"):
             assert ma[step][key] == mb[step][key], (step, key)

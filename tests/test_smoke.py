@@ -1,5 +1,6 @@
 """grpo.py end to end on the tiny default, and an exact resume from its checkpoint."""
 import json
+import platform
 
 import torch
 from safetensors.torch import load_file
@@ -18,6 +19,11 @@ def test_grpo_tiny_runs_and_resumes_exactly(tiny_dir, tmp_path):
     p = run(["python", "grpo.py", *FAST, "--num_steps=4", "--save_every=2", f"--run_dir={a}"])
     assert "held-out greedy accuracy before RL" in p.stderr + p.stdout
     assert "held-out greedy accuracy after RL" in p.stderr + p.stdout
+    import transformers  # printed once at start and kept in config.json and each checkpoint, for problem reports
+    want = {"torch": torch.__version__, "transformers": transformers.__version__}
+    assert (p.stdout + p.stderr).count("versions: ") == 1 and json.dumps(want)[1:-1] in p.stdout
+    assert json.load(open(a / "config.json"))["versions"] == {"python": platform.python_version(), **want}
+    assert json.load(open(a / "ckpt-000004" / "run_config.json"))["versions"]["torch"] == torch.__version__
     run(["python", "grpo.py", *FAST, "--num_steps=2", "--save_every=2", f"--run_dir={b}"])
     run(["python", "grpo.py", *FAST, "--num_steps=4", "--save_every=2", f"--run_dir={b}", f"--resume={b}"])
     ma, mb = metrics(a), metrics(b)
