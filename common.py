@@ -634,6 +634,18 @@ def _run_files(run_dir):
     return sorted(x for x in found if re.fullmatch(r"ckpt-\d+(\.tmp|\.old)?", x) or x == "latest")
 
 
+def _check_run_dir(run_dir):
+    """Refuse a run dir that holds anything but this project's run files, or run files without its run_id marker
+    (a model dir, a home dir): a run writes config.json and deletes checkpoints there."""
+    found = set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set()
+    ours = set(_run_files(run_dir)) | {"config.json", "metrics.jsonl", "latest.tmp"}
+    foreign = sorted(found - ours - {"run_id", "stdout.log", "wall_time.json"})  # the last two: compare.py's
+    if foreign or (found & ours and "run_id" not in found):
+        what = f"holds files no run of this project writes ({', '.join(foreign[:3])})" if foreign else \
+            "has no run_id file, so no run of this project wrote it"
+        raise UserError(f"run_dir {run_dir} {what}: pick a new or empty --run_dir; nothing there was changed")
+
+
 def _read_run_config(ckpt):
     """The run_config.json of a checkpoint: {'config', 'run_id', 'step'}; a damaged file is a UserError."""
     path = os.path.join(ckpt, "run_config.json")
@@ -654,6 +666,9 @@ def start_run(cfg, d):
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
         saved = _read_run_config(ckpt)
+        if saved.get("trainer", run_name(type(cfg))) != run_name(type(cfg)):
+            raise UserError(f"{ckpt} was written by {saved['trainer']}.py, not {run_name(type(cfg))}.py: resume it "
+                            f"with {saved['trainer']}.py, or start a new run")
         now = dataclasses.asdict(cfg)
         diff = [f"--{k}={now[k]!r} (saved: {v!r})" for k, v in saved["config"].items()
                 if k in now and k not in RESUME_MAY_CHANGE and now[k] != v]
@@ -664,12 +679,13 @@ def start_run(cfg, d):
             raise UserError(f"{ckpt} is at step {saved['step']} and --num_steps={cfg.num_steps}: nothing to do; "
                             "raise --num_steps to train further")
         run_id = saved["run_id"]
+    _check_run_dir(cfg.run_dir)
     theirs, id_file = _run_files(cfg.run_dir), os.path.join(cfg.run_dir, "run_id")
     if theirs and not (os.path.isfile(id_file) and open(id_file).read().strip() == run_id):  # another run's work
         if not cfg.overwrite:
             raise UserError(f"run_dir {cfg.run_dir} already holds another run ({', '.join(theirs[:4])}): resume it "
                             f"with --resume={cfg.run_dir}, pick another --run_dir, or pass --overwrite to delete it")
-        for x in theirs + ["metrics.jsonl"] if d.master_process else []:
+        for x in theirs + ["metrics.jsonl", "latest.tmp"] if d.master_process else []:
             path = os.path.join(cfg.run_dir, x)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -681,6 +697,14 @@ def start_run(cfg, d):
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(id_file, "w") as f:
             f.write(run_id)
+        log = os.path.join(cfg.run_dir, "metrics.jsonl")
+        if ckpt and os.path.isfile(log):  # steps logged after the saved one run again: keep the first telling only
+            with open(log) as f:
+                rows = [x for x in f if x.strip() and json.loads(x)["step"] <= saved["step"]]
+            with open(log, "w") as f:
+                f.writelines(rows)
+        if os.path.exists(os.path.join(cfg.run_dir, "latest.tmp")):
+            os.remove(os.path.join(cfg.run_dir, "latest.tmp"))
     if d.ddp:
         dist.barrier()
     return ckpt
@@ -716,7 +740,8 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                     "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "run_config.json"), "w") as f:  # written last: tmp is complete
-            json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step, "versions": versions(cfg)},
+            json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step, "versions": versions(cfg),
+                   "trainer": run_name(type(cfg))},
                       f, indent=1)
         if os.path.isdir(final):  # a re-save: renames only, and resolve_latest falls back to the complete tmp
             shutil.rmtree(old, ignore_errors=True)
@@ -743,7 +768,10 @@ def resolve_latest(path):
     if not os.path.isfile(latest):
         return path
     with open(latest) as f:
-        named = os.path.join(path, f.read().strip())
+        name = f.read().strip()
+    if not re.fullmatch(r"ckpt-\d+", name):  # never followed out of the run dir
+        raise UserError(f"{latest} names {name[:80]!r}, not one of this run dir's ckpt-* dirs: fix or delete it")
+    named = os.path.join(path, name)
     if not os.path.isdir(named) and os.path.isfile(os.path.join(named + ".tmp", "run_config.json")):
         return named + ".tmp"
     return named
@@ -764,7 +792,10 @@ def _load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only met something else than plain data: refused, never run
-        what = next((x.strip() for x in str(e).splitlines() if "GLOBAL" in x), "an object that is not plain data")
+        if "global" not in str(e).lower():  # not a reference to code: a damaged file
+            raise UserError(f"{path}: cannot read this checkpoint file ({str(e)[:120]}); resume from another "
+                            "ckpt-* dir") from None
+        what = next(x.strip() for x in str(e).splitlines() if "global" in x.lower())
         raise UserError(f"{path}: refused: it holds objects that loading would run ({what[:100]}); only checkpoints "
                         "of plain data (tensors, numbers, strings, lists, dicts) load: use another ckpt-* dir") from None
     except Exception as e:  # a truncated or foreign file raises whatever its unpickler meets

@@ -13,6 +13,7 @@ gsm8k.py: the GSM8K task, as nanochat keeps tasks/gsm8k.py: loading, prompts, an
 import json
 import os
 import re
+import unicodedata
 from fractions import Fraction
 
 SYSTEM_PROMPT = ("Solve the math problem step by step. "
@@ -108,6 +109,23 @@ _BLANK = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003
           "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"  # every character str.isspace() accepts
           "\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff")  # and invisible ones
 _SKIP = re.compile("[" + _BLANK + "]*")
+_JOINERS = ".,/_'\u2019\u2044"  # between digits these continue a number ('1_000', "1'000", '1\u20442'): unreadable
+_DASHES = "\u2212\u2796\u02d7\u207b\u208b"  # minus signs outside Unicode's dash punctuation (category Pd)
+
+
+def _dash_before(text, start):
+    """True if a dash-like character stands before text[start], past blanks, invisible characters and a '$': a
+    sign the grammar does not read ('\u2013 3', '-\u00a03', '-  3'), so the number is unreadable, never unsigned.
+    More than 64 other invisible characters in a row count as such a sign too (unreadable; the walk stays short)."""
+    head = text[:start].rstrip(_BLANK + "$")
+    for i in range(len(head) - 1, max(-1, len(head) - 66), -1):
+        if head[i] in _DASHES or unicodedata.category(head[i]) == "Pd":
+            return True
+        if head[i] != "$" and unicodedata.category(head[i]) not in ("Zs", "Cf", "Cc"):
+            return False
+    return len(head) > 65
+
+
 _MAX_DIGITS = 4000  # fractions are computed exactly only below this size (decimals have no limit)
 
 
@@ -177,11 +195,13 @@ def _read(m, text):
     if not body.isascii() and any(c.isdigit() and not c.isascii() for c in body):
         return None  # \d also matches Arabic-Indic and full-width digits; those are not read
     after = _SKIP.match(text, m.end()).end()
-    if after < len(text) and (text[after].isdigit() or (text[after] in ".,/" and text[after + 1:after + 2].isdigit())):
-        return None  # '1 234', '1\u200b234', '1.5.3', '3/4/5': more number follows
+    if after < len(text) and (text[after].isnumeric() or (text[after] in _JOINERS and text[after + 1:after + 2].isdigit())):
+        return None  # '1 234', '1\u200b234', '1.5.3', '3/4/5', '1_000', '3\u00bd': more number follows
     before = text[:m.start()].rstrip(_BLANK)[-2:]
-    if before[-1:].isdigit() or (before[-1:] in (".", ",", "/") and before[:1].isdigit()):
+    if before[-1:].isnumeric() or (before[-1:] in _JOINERS and before[:1].isdigit()):
         return None  # '1 234' read from its second group
+    if _dash_before(text, m.start()) or text[max(0, m.start() - 2):m.start()] == "}{" or text[m.end():m.end() + 2] == "}{":
+        return None  # an unread minus ('\u2013 3', '-\u00a03'), or LaTeX's \frac{3}{4} read as 3 or 4
     negative = m.group("sign") is not None
     if m.group("num") is not None:  # a mixed number a b/c, with b < c
         whole, num, den = (int(m.group(k)) if len(m.group(k)) <= _MAX_DIGITS else None for k in ("first", "num", "den"))

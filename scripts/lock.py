@@ -40,25 +40,25 @@ def canonical(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def read_requirements(path=REQUIREMENTS):
+def read_requirements(path=None):
     """{name: specifier text} of requirements.txt (comments and blank lines skipped)."""
-    out = {}
+    path, out = path or REQUIREMENTS, {}
     for n, line in enumerate(open(path), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)", line)
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*((?:(?:>=|<=|==|<|>)\s*[0-9][0-9a-z.]*\s*,?\s*)*)", line)
         if not m:
-            raise LockError(f"{path}:{n}: cannot read {line!r}: write name followed by version ranges")
+            raise LockError(f"{path}:{n}: cannot read {line!r}: write a name and ranges such as 'torch>=2.4,<=2.13.0'")
         if canonical(m.group(1)) in out:
             raise LockError(f"{path}:{n}: {m.group(1)} is listed twice")
         out[canonical(m.group(1))] = m.group(2).replace(" ", "")
     return out
 
 
-def read_lock(path=LOCK):
+def read_lock(path=None):
     """{name: (version, [packages that pulled it in; '-r requirements.txt' for a direct one])} of the lock."""
-    out = {}
+    path, out = path or LOCK, {}
     for n, line in enumerate(open(path), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -70,15 +70,33 @@ def read_lock(path=LOCK):
     return out
 
 
+def version_key(v):
+    """A release version as a comparable tuple: '2.13.0+cpu' -> (2, 13, 0); pre-releases sort before the release
+    ('2.0rc1' -> (2, 0, -1, 1)). Enough for this repository's own files, and no dependency to read them."""
+    m = re.match(r"(\d+(?:\.\d+)*)(?:\.?(a|b|rc)(\d+))?", v.split("+")[0].lower())
+    if not m:
+        raise LockError(f"cannot read the version {v!r}")
+    release = [int(x) for x in m.group(1).split(".")]
+    while len(release) > 1 and release[-1] == 0:
+        release.pop()  # 2.13 == 2.13.0
+    return tuple(release) + ((-3 + ["a", "b", "rc"].index(m.group(2)), int(m.group(3))) if m.group(2) else (0,))
+
+
+def in_range(version, spec):
+    """True if `version` satisfies every clause of `spec` ('>=2.4,<=2.13.0')."""
+    ops = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
+           "<": lambda a, b: a < b, ">": lambda a, b: a > b}
+    clauses = [re.fullmatch(r"(>=|<=|==|<|>)(.+)", c) for c in spec.split(",") if c]
+    return all(ops[c.group(1)](version_key(version), version_key(c.group(2))) for c in clauses)
+
+
 def disagreements(reqs, lock):
     """What is wrong between requirements.txt and the lock, one line each (empty when they agree)."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
     bad = []
     for name, spec in reqs.items():
         if name not in lock:
             bad.append(f"{name} is in requirements.txt but not in requirements.lock")
-        elif Version(lock[name][0]) not in SpecifierSet(spec):
+        elif not in_range(lock[name][0], spec):
             bad.append(f"{name}=={lock[name][0]} in requirements.lock is outside requirements.txt's range {spec!r}")
         elif "-r requirements.txt" not in lock[name][1]:
             bad.append(f"{name} is in requirements.txt but requirements.lock does not mark it '# via -r requirements.txt'")
@@ -131,7 +149,7 @@ print(json.dumps(out))
 """
 
 
-def write_lock(env, reqs, torch_note, path=LOCK):
+def write_lock(env, reqs, torch_note, path=None):
     """requirements.lock from an environment's {name: {version, requires}}: the packages reachable from reqs."""
     via = {n: [] for n in env}
     for n, info in env.items():
@@ -152,7 +170,7 @@ def write_lock(env, reqs, torch_note, path=LOCK):
         version = env[n]["version"].split("+")[0]  # torch 2.13.0+cpu is locked as 2.13.0: any build of it
         reasons = (["-r requirements.txt"] if n in reqs else []) + sorted(v for v in via[n] if v in keep)
         lines.append(f"{n}=={version}  # via {', '.join(reasons)}")
-    with open(path, "w") as f:
+    with open(path or LOCK, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -195,9 +213,8 @@ def refresh(torch_version, keep_venv):
     tail = open(log).read().strip().splitlines()[-1]
     write_lock(env, reqs, f"torch {env['torch']['version']}; suite: {tail.strip('= ')}")
     recap(REQUIREMENTS, env)
-    bad = disagreements(read_requirements(), read_lock())
-    if bad:
-        raise LockError("; ".join(bad))
+    if subprocess.run([py, os.path.abspath(__file__), "check"]).returncode:
+        raise LockError("the new requirements.lock and requirements.txt disagree (above); fix scripts/lock.py")
     print(f"refresh: wrote {LOCK} and moved requirements.txt's caps; review with git diff, then commit")
     if not keep_venv:
         import shutil
@@ -229,9 +246,6 @@ def main(argv=None):
             refresh(args.torch or read_lock()["torch"][0], args.keep_venv)
     except (LockError, OSError) as e:
         print(f"lock.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except ImportError as e:
-        print(f"lock.py: error: {e}: install the lock first (pip install -r requirements.lock)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -75,3 +75,80 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_dir):
         common.save_checkpoint(str(tmp_path), 3, lm, common.load_tokenizer(tiny_dir),
                                torch.optim.AdamW(lm.parameters()), cfg, single_process())
     assert sorted(x.name for x in tmp_path.iterdir()) == ["run_id"]  # no ckpt dir, no `latest`
+
+
+# -----------------------------------------------------------------------------
+# 4. signs and numbers: a dash before a number is a minus or makes it unreadable, never dropped
+
+import gsm8k  # noqa: E402
+
+
+@pytest.mark.parametrize("completion", [
+    "#### -\u00a03", "#### -\u200b3", "#### -\t3", "#### -  3", "#### -\u200e3", "#### \u20133", "#### \uff0d3",
+    "#### \u20103", "#### \u2014 3", "#### -\u2066\u20663", "#### -$\u00a03",  # before: each read as 3, reward 1.0
+    "#### 1_000", "#### 1'000", "#### 1\u2019000", "#### 3\u00bd", "#### 3\u20441"])  # before: read as 1, 3, 3
+def test_an_unread_sign_or_joined_number_is_no_match(completion):
+    ref = completion.split("####")[1].strip("- \u00a0\u200b\t\u200e\u2013\uff0d\u2010\u2014\u2066$")[:1]
+    assert gsm8k.extract_answer(completion) is None
+    assert gsm8k.correctness_reward(completion, ref) == 0.0 and gsm8k.format_reward(completion) == 0.0
+    assert gsm8k.lenient_correct(completion, ref) == 0.0
+
+
+def test_minus_signs_the_grammar_reads_still_count():
+    for text in ("#### -3", "#### \u22123", "#### - 3", "#### -$3"):
+        assert gsm8k.extract_answer(text) == -3 and gsm8k.correctness_reward(text, "-3") == 1.0
+    assert gsm8k.extract_last_number("so the answer is 3-2=1") == 1  # an equation's minus is not the answer's
+
+
+def test_latex_fractions_are_not_read_as_one_of_their_parts():
+    # decided: lenient mode does not parse LaTeX; \frac{3}{4} is unreadable, never 3 or 4 (docs/eval.md)
+    assert gsm8k.extract_last_number("\\boxed{\\frac{3}{4}}") is None
+    assert gsm8k.lenient_correct("\\boxed{\\frac{3}{4}}", "4") == 0.0
+    assert gsm8k.lenient_correct("\\boxed{\\frac{3}{4}}", "0.75") == 0.0
+    assert gsm8k.lenient_correct("so \\boxed{18}", "18") == 1.0
+
+
+# -----------------------------------------------------------------------------
+# 3. a run dir is this project's run dir, nothing else; a resumed run reads as one run
+
+
+def test_a_model_dir_or_a_foreign_dir_is_never_a_run_dir(tmp_path, tiny_dir):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    for extra in ([], ["--overwrite"]):  # before: the model's config.json became the trainer's settings
+        fails([*FAST, "--num_steps=1", f"--run_dir={model}", *extra], "holds files no run of this project writes",
+              "model.safetensors", "nothing there was changed")
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    other = tmp_path / "other"  # run files with no run_id: not ours; --overwrite deleted them anywhere, `/` too
+    (other / "ckpt-000001").mkdir(parents=True)
+    (other / "latest").write_text("ckpt-000001")
+    (other / "metrics.jsonl").write_text("")
+    fails([*FAST, "--num_steps=1", f"--run_dir={other}", "--overwrite"], "has no run_id file")
+    assert sorted(p.name for p in other.iterdir()) == ["ckpt-000001", "latest", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("named", ["/etc", "../elsewhere/ckpt-000001", "ckpt-000001/../..", ""])
+def test_latest_is_never_followed_out_of_the_run_dir(tmp_path, named):
+    import common
+    (tmp_path / "latest").write_text(named)
+    with pytest.raises(common.UserError, match="not one of this run dir's ckpt-\\* dirs"):
+        common.resolve_latest(str(tmp_path))
+
+
+def test_a_resumed_run_reads_as_one_run_and_another_trainer_cannot_resume_it(tmp_path, tiny_dir):
+    run_dir = tmp_path / "run"
+    run(["python", "grpo.py", *FAST, "--num_steps=3", "--save_every=2", f"--run_dir={run_dir}"])
+    import shutil  # as if killed after logging step 3, before saving it: `latest` names ckpt-000002
+    shutil.rmtree(run_dir / "ckpt-000003")
+    (run_dir / "latest").write_text("ckpt-000002")
+    (run_dir / "latest.tmp").write_text("ckpt-000003")  # what a crash between two renames leaves
+    # before: dapo.py resumed grpo's checkpoint "exactly" and exited 0
+    fails([*FAST, "--num_steps=4", f"--run_dir={run_dir}", f"--resume={run_dir}"], "was written by grpo.py, not dapo.py",
+          script="dapo.py")
+    run(["python", "grpo.py", *FAST, "--num_steps=4", "--save_every=2", f"--run_dir={run_dir}", f"--resume={run_dir}"])
+    steps = [json.loads(x)["step"] for x in open(run_dir / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3, 4], steps  # before: [0, 1, 2, 3, 3, 4], step 3 twice (logged, not saved, run again)
+    assert not (run_dir / "latest.tmp").exists()
+    assert json.load(open(run_dir / "ckpt-000004" / "run_config.json"))["trainer"] == "grpo"
