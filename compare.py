@@ -81,8 +81,14 @@ def run_all(cfg, algos):
                 continue
             running.remove(job)
             log.close()
-            if proc.returncode != 0:
-                raise RuntimeError(f"{run_dir} failed with exit code {proc.returncode}; see {run_dir}/stdout.log")
+            if proc.returncode != 0:  # stop the other children first: none is left running as an orphan
+                for other, other_dir, _, other_log in running:
+                    other.terminate()
+                    other.wait()
+                    other_log.close()
+                stopped = ", ".join(os.path.basename(d) for _, d, _, _ in running) or "none"
+                raise common.UserError(f"{run_dir} failed with exit code {proc.returncode} (see {run_dir}/stdout.log); "
+                                       f"stopped the runs still going: {stopped}")
             walls[run_dir] = time.time() - t0
             with open(os.path.join(run_dir, "wall_time.json"), "w") as f:
                 json.dump({"wall_s": walls[run_dir], "jobs": cfg.jobs, "threads": threads}, f)
@@ -91,16 +97,26 @@ def run_all(cfg, algos):
 
 
 def load_runs(out_dir, algos, seeds):
-    """{algo: [rows of metrics.jsonl, one list per seed]}; raises if a run's log is missing."""
+    """{algo: [rows of metrics.jsonl, one list per seed]}; a missing, empty or damaged log, or one with no held-out
+    evaluation, is a UserError naming it."""
     runs = {}
     for algo in algos:
         for seed in range(seeds):
             path = os.path.join(out_dir, f"{algo}-s{seed}", "metrics.jsonl")
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"no log {path}: run without --logs_only, or copy the run dir there")
-            rows = [json.loads(l) for l in open(path)]
-            if not rows:
-                raise ValueError(f"{path} is empty")
+                raise common.UserError(f"no log {path}: run without --logs_only, or copy the run dir there")
+            rows = []
+            for n, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise common.UserError(f"{path}:{n}: not a JSON line ({e.msg}): the run's log is damaged; run "
+                                           "it again without --logs_only") from None
+                if not isinstance(rows[-1], dict) or not isinstance(rows[-1].get("step"), int):
+                    raise common.UserError(f"{path}:{n}: not a metrics row (no integer 'step'); run it again")
+            if not any("eval/strict" in r for r in rows):
+                raise common.UserError(f"{path} holds no held-out evaluation (an empty or unfinished run): run it "
+                                       "again without --logs_only")
             runs.setdefault(algo, []).append(rows)
     return runs
 
