@@ -44,15 +44,15 @@ class Config:
     tiny: bool = False  # the tiny model and the tiny task's test split (CPU); --model and --data_path still win
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, model dir, checkpoint dir, run dir (its `latest`), or "tiny"
     data_path: str = ""  # GSM8K: a jsonl file, a dir with <split>.jsonl, "tiny", or "" (the hub, openai/gsm8k)
-    split: str = "test"  # dataset split (GSM8K test: 1,319 problems)
-    limit: int = -1  # evaluate only the first `limit` problems (-1 = all)
+    split: str = "test"  # dataset split, in {test, train} (GSM8K test: 1,319 problems)
+    limit: int = -1  # evaluate only the first `limit` problems, in [-1, inf) (-1 = all)
     # not `--n`: torchrun's argument parser would take --n=... for an abbreviation of its --nnodes
-    num_samples: int = 1  # n, samples per problem: 1 = pass@1; > 1 adds pass@k and majority vote (temperature > 0)
+    num_samples: int = 1  # n per problem, in [1, inf): 1 = pass@1; > 1 adds pass@k and majority vote (temperature > 0)
     ks: str = ""  # comma-separated k for pass@k, each in 1..n ("" = 1, 2, 4, ... up to n, and n)
-    temperature: float = 0.0  # 0 = greedy decoding; > 0 samples from softmax(logits / temperature)
-    top_p: float = 1.0  # nucleus sampling cut when temperature > 0 (1.0 = off)
-    max_new_tokens: int = 512  # completion length cap (the trainers' periodic eval uses their own: 300)
-    batch_size: int = 64  # completions per generate call (a batch holds batch_size // n problems)
+    temperature: float = 0.0  # in [0, inf): 0 = greedy decoding; > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling cut when temperature > 0, in (0, 1] (1.0 = off)
+    max_new_tokens: int = 512  # completion length cap, in [1, inf) (the trainers' periodic eval uses their own: 300)
+    batch_size: int = 64  # completions per generate call, in [1, inf) (a batch holds batch_size // n problems)
     system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); as in training
     seed: int = 0  # sampling seed (batch j uses seed + j, so samples do not depend on the number of ranks)
     fast_rollout: bool = False  # generate with the static-KV-cache decoder (decoder.py) instead of HF generate

@@ -31,15 +31,15 @@ class Config:
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub name, model dir, checkpoint dir, run dir (its `latest`), or "tiny"
     prompt: str = ""  # one question to answer
     prompt_file: str = ""  # one question per line, or a .jsonl with 'question' (and optional 'answer') per line
-    num_questions: int = 3  # otherwise: the first this many test questions
+    num_questions: int = 3  # otherwise: the first this many test questions, in [1, inf)
     data_path: str = ""  # GSM8K for those questions: a jsonl file, a dir with test.jsonl, "tiny", or "" (the hub)
-    num_samples: int = 1  # completions per prompt (> 1 needs temperature > 0)
-    temperature: float = 0.0  # 0 = greedy decoding; > 0 samples from softmax(logits / temperature)
-    top_p: float = 1.0  # nucleus sampling cut when temperature > 0 (1.0 = off)
-    max_new_tokens: int = 512  # completion length cap
-    batch_size: int = 64  # completions per generate call
+    num_samples: int = 1  # completions per prompt, in [1, inf) (> 1 needs temperature > 0)
+    temperature: float = 0.0  # in [0, inf): 0 = greedy decoding; > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling cut when temperature > 0, in (0, 1] (1.0 = off)
+    max_new_tokens: int = 512  # completion length cap, in [1, inf)
+    batch_size: int = 64  # completions per generate call, in [1, inf)
     system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); same as training
-    format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), as in the trainers
+    format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf), as in training
     seed: int = 0  # sampling seed
 
 

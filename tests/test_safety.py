@@ -152,3 +152,22 @@ def test_a_resumed_run_reads_as_one_run_and_another_trainer_cannot_resume_it(tmp
     assert steps == [0, 1, 2, 3, 4], steps  # before: [0, 1, 2, 3, 3, 4], step 3 twice (logged, not saved, run again)
     assert not (run_dir / "latest.tmp").exists()
     assert json.load(open(run_dir / "ckpt-000004" / "run_config.json"))["trainer"] == "grpo"
+
+
+# -----------------------------------------------------------------------------
+# 5. every entry point speaks one line (exit 2) for a bad value, before anything loads
+
+
+@pytest.mark.parametrize("script,argv,words", [
+    ("sample", ["--top_p=-1"], "--top_p=-1.0 is out of range"), ("sample", ["--top_p=0"], "(0, 1]"),
+    ("sample", ["--temperature=nan"], "--temperature=nan"), ("sample", ["--max_new_tokens=0"], "[1, inf)"),
+    ("sample", ["--max_new_tokens=-1"], "--max_new_tokens=-1"), ("sample", ["--batch_size=0"], "--batch_size=0"),
+    ("sample", ["--format_weight=nan"], "--format_weight=nan"),
+    ("eval_gsm8k", ["--temperature=nan"], "--temperature=nan"), ("eval_gsm8k", ["--temperature=inf"], "[0, inf)"),
+    ("eval_gsm8k", ["--temperature=-1"], "--temperature=-1.0"), ("eval_gsm8k", ["--split=bogus"], "{test, train}")])
+def test_sample_and_eval_refuse_bad_values_in_one_line(script, argv, words, capsys, monkeypatch):
+    import importlib
+
+    from conftest import cli_error
+    line = cli_error(importlib.import_module(script), ["--tiny", *argv], capsys, monkeypatch)  # before: accepted
+    assert words in line, line
