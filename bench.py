@@ -41,22 +41,22 @@ from grpo import policy_loss
 @dataclass
 class Config:
     tiny: bool = False  # the cached tiny model (fp32 on CPU) instead of random-weight Qwen2.5-1.5B-Instruct
-    device: str = ""  # "cpu" or "cuda" ("" = cuda if available)
-    num_seqs: int = 256  # completions per step (prompts x group_size), all on this one device
-    group_size: int = 8  # G: completions per prompt; prompts are repeated G times, as in the trainers
-    prompt_len: int = 160  # longest prompt in tokens; lengths are drawn from [prompt_len/2, prompt_len], left-padded
-    max_new_tokens: int = 300  # every completion decodes to exactly this many tokens (EOS suppressed)
-    temperature: float = 1.0  # sampling temperature of the rollout and of the log-probs
-    top_p: float = 1.0  # nucleus sampling in the rollout (1.0 = off)
-    micro_batch_size: int = 8  # sequences per forward/backward in the log-prob and update phases
-    num_minibatches: int = 4  # AdamW steps in the update phase
+    device: str = "auto"  # in {auto, cpu, cuda} (auto = cuda if available)
+    num_seqs: int = 256  # completions per step (prompts x group_size), all on this one device, in [1, inf)
+    group_size: int = 8  # G: completions per prompt, in [1, inf); prompts are repeated G times, as in the trainers
+    prompt_len: int = 160  # longest prompt in tokens, in [2, inf); lengths drawn from [prompt_len/2, prompt_len]
+    max_new_tokens: int = 300  # every completion decodes to exactly this many tokens, in [1, inf) (EOS suppressed)
+    temperature: float = 1.0  # sampling temperature of the rollout and of the log-probs, in (0, inf)
+    top_p: float = 1.0  # nucleus sampling in the rollout, in (0, 1] (1.0 = off)
+    micro_batch_size: int = 8  # sequences per forward/backward (log-prob and update phases), in [1, inf)
+    num_minibatches: int = 4  # AdamW steps in the update phase, in [1, inf)
     gradient_checkpointing: bool = True  # recompute activations in backward (the trainers' default)
-    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation
-    beta: float = 0.04  # > 0 adds the reference-model log-prob phase, as in grpo.py
-    repeats: int = 1  # timed runs of each rollout path, alternating plain and fast (the fastest is reported)
-    peak_tflops: float = 0.0  # device peak dense bf16 TFLOP/s for MFU (0 = from GPU_SPECS; unknown on CPU)
-    mem_bw_gbs: float = 0.0  # device memory bandwidth in GB/s for the decode roofline (0 = from GPU_SPECS)
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
+    beta: float = 0.04  # in [0, inf): > 0 adds the reference-model log-prob phase, as in grpo.py
+    repeats: int = 1  # timed runs of each rollout path, in [1, inf), plain and fast alternating (fastest reported)
+    peak_tflops: float = 0.0  # in [0, inf): device peak dense bf16 TFLOP/s for MFU (0 = from GPU_SPECS; unknown on CPU)
+    mem_bw_gbs: float = 0.0  # in [0, inf): device memory bandwidth in GB/s for the decode roofline (0 = from GPU_SPECS)
+    threads: int = 0  # torch CPU threads, in [0, inf) (0 = torch's default)
     seed: int = 0  # seeds the weights of the random model, the prompts and the sampling
     token_lengths: str = ""  # a tokenizer or model dir: print GSM8K's token lengths in its tokens and exit
     data_path: str = ""  # GSM8K for --token_lengths: a dir with train.jsonl and test.jsonl ("" = the hub)
@@ -203,7 +203,8 @@ def main():
                          f"and num_minibatches={cfg.num_minibatches}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
     common.seed_everything(cfg.seed)
     model, pad_id = build_model(cfg, device)
     mc = model.config

@@ -171,3 +171,15 @@ def test_sample_and_eval_refuse_bad_values_in_one_line(script, argv, words, caps
     from conftest import cli_error
     line = cli_error(importlib.import_module(script), ["--tiny", *argv], capsys, monkeypatch)  # before: accepted
     assert words in line, line
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--num_seqs=0"], "--num_seqs=0"), (["--group_size=0"], "--group_size=0"), (["--num_minibatches=0"], "[1, inf)"),
+    (["--prompt_len=0"], "--prompt_len=0"), (["--max_new_tokens=0"], "--max_new_tokens=0"),
+    (["--micro_batch_size=0"], "--micro_batch_size"), (["--logprob_chunk=0"], "--logprob_chunk=0"),
+    (["--repeats=0"], "--repeats=0"), (["--threads=-1"], "--threads=-1"), (["--temperature=0"], "(0, inf)"),
+    (["--device=tpu"], "{auto, cpu, cuda}"), (["--beta=nan"], "--beta=nan"), (["--top_p=0"], "(0, 1]")])
+def test_bench_refuses_bad_values_in_one_line(argv, words, capsys, monkeypatch):
+    import bench
+    from conftest import cli_error
+    assert words in cli_error(bench, ["--tiny", *argv], capsys, monkeypatch)  # before: a traceback, or accepted
