@@ -651,9 +651,19 @@ def _read_run_config(ckpt):
     path = os.path.join(ckpt, "run_config.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            return _fields(json.load(f), {"config": dict, "run_id": str, "step": int}, path)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read the checkpoint's settings ({e}); resume from another ckpt-* dir") from None
+
+
+def _fields(obj, types, path):
+    """obj, if it is a dict holding every key of `types` with a value of that type; else a UserError naming path."""
+    bad = [k for k, t in types.items() if not isinstance(obj, dict) or not isinstance(obj.get(k), t)
+           or (t is int and isinstance(obj.get(k), bool))]
+    if bad:
+        raise UserError(f"{path}: damaged or not written by this project ({', '.join(bad)} missing or of the wrong "
+                        "type); resume from another ckpt-* dir")
+    return obj
 
 
 def start_run(cfg, d):
@@ -805,15 +815,21 @@ def _load(path):
 
 def load_trainer_state(ckpt, optimizer, d):
     """Restore optimizer and this rank's RNG state from ckpt; returns the saved state (step, config, extra)."""
-    state = _load(os.path.join(ckpt, "trainer_state.pt"))
+    path = os.path.join(ckpt, "trainer_state.pt")
+    state = _fields(_load(path), {"step": int, "optimizer": dict, "world_size": int, "config": dict, "extra": dict}, path)
     if state["world_size"] != d.world_size:
         raise UserError(f"{ckpt} was written by {state['world_size']} processes; resume it with as many "
                         f"(torchrun --nproc_per_node={state['world_size']}), not {d.world_size}")
-    optimizer.load_state_dict(state.pop("optimizer"))
-    rng = _load(os.path.join(ckpt, f"rng_rank{d.rank}.pt"))
-    random.setstate(rng["python"])
-    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
-    torch.set_rng_state(rng["torch"])
+    rng_path = os.path.join(ckpt, f"rng_rank{d.rank}.pt")
+    rng = _fields(_load(rng_path), {"python": tuple, "numpy": list, "torch": torch.Tensor}, rng_path)
+    try:  # a state of another shape: the optimizer's groups, or an RNG state, do not fit
+        optimizer.load_state_dict(state.pop("optimizer"))
+        random.setstate(rng["python"])
+        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
+        torch.set_rng_state(rng["torch"])
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError) as e:
+        raise UserError(f"{ckpt}: its optimizer or RNG state does not fit this run ({type(e).__name__}: "
+                        f"{str(e)[:100]}); resume from another ckpt-* dir") from None
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state

@@ -183,3 +183,30 @@ def test_bench_refuses_bad_values_in_one_line(argv, words, capsys, monkeypatch):
     import bench
     from conftest import cli_error
     assert words in cli_error(bench, ["--tiny", *argv], capsys, monkeypatch)  # before: a traceback, or accepted
+
+
+def test_damaged_checkpoint_contents_are_one_line_errors(tmp_path, tiny_dir):
+    import common
+    import grpo
+    from conftest import single_process
+    run_dir = tmp_path / "run"
+    run(["python", "grpo.py", *FAST, "--num_steps=1", f"--run_dir={run_dir}"])
+    ckpt = run_dir / "ckpt-000001"
+    opt = torch.optim.AdamW(common.load_model(tiny_dir, torch.device("cpu")).parameters())
+    good = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    for change, words in [(lambda s: s.pop("world_size"), "world_size missing"),  # before: KeyError 'world_size'
+                          (lambda s: s.update(step="2"), "step missing or of the wrong type"),
+                          (lambda s: s.update(optimizer={"state": {}, "param_groups": [{}]}), "does not fit this run")]:
+        state = dict(good)
+        change(state)
+        torch.save(state, ckpt / "trainer_state.pt")
+        with pytest.raises(common.UserError, match=words):
+            common.load_trainer_state(str(ckpt), opt, single_process())
+    torch.save(good, ckpt / "trainer_state.pt")
+    cfg = grpo.Config(resume=str(ckpt), run_dir=str(tmp_path / "new"), num_steps=5)
+    saved = (ckpt / "run_config.json").read_text()
+    for text in ['{"config": {}, "run_id": "r", "step": "2"}', "{}", '{"config": [1], "run_id": "r", "step": 1}', "[1]"]:
+        (ckpt / "run_config.json").write_text(text)  # before: TypeError or KeyError tracebacks
+        with pytest.raises(common.UserError, match="run_config.json: damaged or not written by this project"):
+            common.start_run(cfg, single_process())
+    (ckpt / "run_config.json").write_text(saved)
