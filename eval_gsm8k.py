@@ -30,6 +30,7 @@ Greedy results are identical on any number of ranks: see evaluation.evaluate.
 """
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -78,6 +79,12 @@ def check_config(cfg):
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise common.UserError("--batch_size and --max_new_tokens must be positive")
     parse_ks(cfg.ks, cfg.num_samples)
+    try:  # the results are written after the whole evaluation: find out now that they can be
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cfg.out_dir):
+            pass
+    except OSError as e:
+        raise common.UserError(f"--out_dir={cfg.out_dir} is not a writable folder ({e.strerror}): pick another") from None
 
 
 def parse_ks(text, n):

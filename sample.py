@@ -52,15 +52,29 @@ def read_prompt_file(path):
     if not os.path.isfile(path):
         raise common.UserError(f"prompt file {path} does not exist")
     if not path.endswith(".jsonl"):
-        rows = [{"question": l.strip(), "answer": None} for l in open(path, encoding="utf-8") if l.strip()]
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = [{"question": line.strip(), "answer": None} for line in f if line.strip()]
+        except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+            raise common.UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        if any("\x00" in r["question"] for r in rows):
+            raise common.UserError(f"{path}: holds NUL bytes, so it is not a text file of questions")
     else:
         rows = []
         for where, row in gsm8k.read_jsonl(path):  # where = 'file:line', 1-based, blank lines counted
             if not isinstance(row, dict) or not isinstance(row.get("question"), str):
                 raise common.UserError(f"{where}: expected a JSON object with a string field 'question'")
             answer = row.get("answer")
-            if answer is not None:  # a full GSM8K solution, or just the final number
-                answer = str(answer) if "####" in str(answer) else f"#### {answer}"
+            if answer is not None:  # a full GSM8K solution, or just the final number; checked before generating
+                text = answer if isinstance(answer, str) else str(answer)
+                try:
+                    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+                        raise ValueError
+                    gsm8k.reference_answer(text)
+                except ValueError:
+                    raise common.UserError(f"{where}: 'answer' {answer!r:.40} is not a number nor a solution ending in "
+                                           "'#### <number>'; fix it or leave the field out") from None
+                answer = text if "####" in text else f"#### {text}"
             rows.append({"question": row["question"], "answer": answer})
     if not rows:
         raise common.UserError(f"prompt file {path} has no prompts (it is empty or only blank lines)")

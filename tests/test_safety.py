@@ -210,3 +210,30 @@ def test_damaged_checkpoint_contents_are_one_line_errors(tmp_path, tiny_dir):
         with pytest.raises(common.UserError, match="run_config.json: damaged or not written by this project"):
             common.start_run(cfg, single_process())
     (ckpt / "run_config.json").write_text(saved)
+
+
+def test_sample_prompt_files_that_would_crash_later_are_refused_first(tmp_path):
+    import common
+    import sample
+    binary = tmp_path / "q.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x01 what")  # before: UnicodeDecodeError traceback
+    with pytest.raises(common.UserError, match="not UTF-8 text"):
+        sample.read_prompt_file(str(binary))
+    binary.write_bytes(b"What is 2+2?\x00\x00\n")
+    with pytest.raises(common.UserError, match="NUL bytes"):
+        sample.read_prompt_file(str(binary))
+    jl = tmp_path / "q.jsonl"
+    for answer in ['"two"', "true", '"####"', "[1]"]:  # before: a crash after generating every completion
+        jl.write_text('{"question": "a", "answer": 2}\n{"question": "b", "answer": %s}\n' % answer)
+        with pytest.raises(common.UserError, match=r"q.jsonl:2: 'answer' .* is not a number"):
+            sample.read_prompt_file(str(jl))
+    jl.write_text('{"question": "a", "answer": 2}\n{"question": "b", "answer": "3"}\n{"question": "c"}\n')
+    assert [r["answer"] for r in sample.read_prompt_file(str(jl))] == ["#### 2", "#### 3", None]
+
+
+def test_eval_checks_its_out_dir_before_evaluating(tmp_path, capsys, monkeypatch):
+    import eval_gsm8k
+    from conftest import cli_error
+    (tmp_path / "a_file").write_text("")  # before: the whole evaluation ran, then writing failed with a traceback
+    line = cli_error(eval_gsm8k, ["--tiny", f"--out_dir={tmp_path / 'a_file' / 'out'}"], capsys, monkeypatch)
+    assert "is not a writable folder" in line and "Not a directory" in line
