@@ -57,7 +57,7 @@ class Config:
     peak_tflops: float = 0.0  # in [0, inf): device peak dense bf16 TFLOP/s for MFU (0 = from GPU_SPECS; unknown on CPU)
     mem_bw_gbs: float = 0.0  # in [0, inf): device memory bandwidth in GB/s for the decode roofline (0 = from GPU_SPECS)
     threads: int = 0  # torch CPU threads, in [0, inf) (0 = torch's default)
-    seed: int = 0  # seeds the weights of the random model, the prompts and the sampling
+    seed: int = 0  # seeds the random weights, the prompts and the sampling, in [0, 1e18]
     token_lengths: str = ""  # a tokenizer or model dir: print GSM8K's token lengths in its tokens and exit
     data_path: str = ""  # GSM8K for --token_lengths: a dir with train.jsonl and test.jsonl ("" = the hub)
 

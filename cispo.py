@@ -49,7 +49,7 @@ class Config:
     run_dir: str = ""  # metrics.jsonl, config.json and checkpoints ("" = runs/<trainer>, runs/<trainer>-tiny)
     resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
     overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
-    seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling (rank r uses seed + r)
+    seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling, in [0, 1e18] (rank r uses seed + r)
     # rollout
     num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
     batch_prompts: int = 32  # prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)

@@ -55,7 +55,7 @@ class Config:
     max_new_tokens: int = 512  # completion length cap, in [1, inf) (the trainers' periodic eval uses their own: 300)
     batch_size: int = 64  # completions per generate call, in [1, inf) (a batch holds batch_size // n problems)
     system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); as in training
-    seed: int = 0  # sampling seed (batch j uses seed + j, so samples do not depend on the number of ranks)
+    seed: int = 0  # sampling seed, in [0, 1e18] (batch j uses seed + j: samples do not depend on the ranks)
     fast_rollout: bool = False  # generate with the static-KV-cache decoder (decoder.py) instead of HF generate
     out_dir: str = "runs/eval"  # predictions.jsonl and summary.json go here
 

@@ -53,7 +53,7 @@ class Config:
     run_dir: str = ""  # metrics.jsonl, config.json and checkpoints ("" = runs/<trainer>, runs/<trainer>-tiny)
     resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
     overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
-    seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling (rank r uses seed + r)
+    seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling, in [0, 1e18] (rank r uses seed + r)
     # rollout
     num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
     batch_prompts: int = 32  # prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
@@ -82,7 +82,7 @@ class Config:
     ent_rule: str = "paper"  # [GTPO] entropy filter, in {paper, always, percentile, off}
     ent_threshold: float = 0.6931471805599453  # [GTPO] ⟨H⟩_i cut-off of the paper/always rules (ln 2), in (0, inf)
     ent_percentile: float = 95.0  # [GTPO] percentile rule: this percentile of every ⟨H⟩_i so far, in [0, 100]
-    ent_initial: float = -1.0  # [GTPO] ⟨H⟩_ini for the paper rule (< 0: measured on the first rollout batch)
+    ent_initial: float = -1.0  # [GTPO] ⟨H⟩_ini of the paper rule, in [-inf, inf) (< 0: measured on batch one)
     gspo_token: bool = False  # [GTPO] GSPO + GTPO: GSPO-token's sequence ratio carrying GTPO's per-token Â_it
     gspo_eps_low: float = 3e-4  # [GTPO] with gspo_token: GSPO's ε_low on the sequence ratio (gspo.py), in (0, 1)
     gspo_eps_high: float = 4e-4  # [GTPO] with gspo_token: GSPO's ε_high, in (0, inf)

@@ -40,7 +40,7 @@ class Config:
     batch_size: int = 64  # completions per generate call, in [1, inf)
     system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); same as training
     format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf), as in training
-    seed: int = 0  # sampling seed
+    seed: int = 0  # sampling seed, in [0, 1e18]
 
 
 TINY = dict(model="tiny", data_path="tiny", max_new_tokens=32, system_prompt="")

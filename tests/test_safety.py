@@ -237,3 +237,14 @@ def test_eval_checks_its_out_dir_before_evaluating(tmp_path, capsys, monkeypatch
     (tmp_path / "a_file").write_text("")  # before: the whole evaluation ran, then writing failed with a traceback
     line = cli_error(eval_gsm8k, ["--tiny", f"--out_dir={tmp_path / 'a_file' / 'out'}"], capsys, monkeypatch)
     assert "is not a writable folder" in line and "Not a directory" in line
+
+
+@pytest.mark.parametrize("module,argv,words", [
+    ("grpo", ["--seed=18446744073709551616"], "--seed=18446744073709551616 is out of range"),  # before: a traceback
+    ("grpo", ["--seed=-1"], "[0, 1e18]"), ("sample", ["--seed=1e30"], "expects an integer"),
+    ("gtpo", ["--ent_initial=nan"], "--ent_initial=nan is out of range")])  # before: accepted
+def test_seeds_and_gtpo_entropy_are_checked(module, argv, words, capsys, monkeypatch):
+    import importlib
+
+    from conftest import cli_error
+    assert words in cli_error(importlib.import_module(module), ["--tiny", *argv], capsys, monkeypatch)
