@@ -9,10 +9,11 @@ needs to diff. The algorithms live in the trainer files.
     rollout         Rollout (select, cat), rollout, generate, compute_rewards, rollout_metrics
     log-probs       Policy (the module DDP wraps), batched_logprobs
     metrics         accumulate, reduce_metrics, progress, Logger (metrics.jsonl, optional wandb)
-    checkpoints     save_checkpoint, resolve_latest, find_checkpoint, load_trainer_state
+    checkpoints     in checkpoint.py (start_run, save_checkpoint, resolve_latest, load_trainer_state)
 
 Neighbouring rooms: gsm8k.py (the task and its rewards), tiny.py (the embedded tiny default),
-decoder.py (the fast static-KV-cache rollout), lora.py (LoRA adapters), evaluation.py (held-out accuracy).
+decoder.py (the fast static-KV-cache rollout), lora.py (LoRA adapters), evaluation.py (held-out accuracy),
+checkpoint.py (checkpoints and run dirs).
 """
 import dataclasses
 import datetime
@@ -21,10 +22,8 @@ import inspect
 import json
 import math
 import os
-import pickle
 import random
 import re
-import shutil
 import sys
 from contextlib import nullcontext
 
@@ -620,216 +619,6 @@ class Logger:
             self.wandb.log(metrics, step=step)
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: Hugging Face weights + optimizer, step and RNG state; atomic via rename; one run per run dir
-
-# settings a resume may change: they steer logging and saving, not the trained numbers
-RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "num_steps", "eval_every", "eval_problems", "save_every",
-                     "wandb_project")
-
-
-def _run_files(run_dir):
-    """The work a run leaves in its dir: checkpoints (complete or not) and `latest`."""
-    found = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    return sorted(x for x in found if re.fullmatch(r"ckpt-\d+(\.tmp|\.old)?", x) or x == "latest")
-
-
-def _check_run_dir(run_dir):
-    """Refuse a run dir that holds anything but this project's run files, or run files without its run_id marker
-    (a model dir, a home dir): a run writes config.json and deletes checkpoints there."""
-    found = set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set()
-    ours = set(_run_files(run_dir)) | {"config.json", "metrics.jsonl", "latest.tmp"}
-    foreign = sorted(found - ours - {"run_id", "stdout.log", "wall_time.json"})  # the last two: compare.py's
-    if foreign or (found & ours and "run_id" not in found):
-        what = f"holds files no run of this project writes ({', '.join(foreign[:3])})" if foreign else \
-            "has no run_id file, so no run of this project wrote it"
-        raise UserError(f"run_dir {run_dir} {what}: pick a new or empty --run_dir; nothing there was changed")
-
-
-def _read_run_config(ckpt):
-    """The run_config.json of a checkpoint: {'config', 'run_id', 'step'}; a damaged file is a UserError."""
-    path = os.path.join(ckpt, "run_config.json")
-    try:
-        with open(path) as f:
-            return _fields(json.load(f), {"config": dict, "run_id": str, "step": int}, path)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read the checkpoint's settings ({e}); resume from another ckpt-* dir") from None
-
-
-def _fields(obj, types, path):
-    """obj, if it is a dict holding every key of `types` with a value of that type; else a UserError naming path."""
-    bad = [k for k, t in types.items() if not isinstance(obj, dict) or not isinstance(obj.get(k), t)
-           or (t is int and isinstance(obj.get(k), bool))]
-    if bad:
-        raise UserError(f"{path}: damaged or not written by this project ({', '.join(bad)} missing or of the wrong "
-                        "type); resume from another ckpt-* dir")
-    return obj
-
-
-def start_run(cfg, d):
-    """Check the run dir and the resume point before anything loads; returns the checkpoint to resume ("" = fresh).
-
-    A fresh run refuses a run_dir holding another run's checkpoints (resume it, pick another dir, or --overwrite
-    them); --resume refuses other settings than the saved ones, listing them. run_dir/run_id tags checkpoints.
-    """
-    ckpt, run_id = "", None
-    if cfg.resume:
-        ckpt = find_checkpoint(cfg.resume)
-        saved = _read_run_config(ckpt)
-        if saved.get("trainer", run_name(type(cfg))) != run_name(type(cfg)):
-            raise UserError(f"{ckpt} was written by {saved['trainer']}.py, not {run_name(type(cfg))}.py: resume it "
-                            f"with {saved['trainer']}.py, or start a new run")
-        now = dataclasses.asdict(cfg)
-        diff = [f"--{k}={now[k]!r} (saved: {v!r})" for k, v in saved["config"].items()
-                if k in now and k not in RESUME_MAY_CHANGE and now[k] != v]
-        if diff:
-            raise UserError(f"{ckpt} was saved with other settings; resume with the saved ones, or start a new run: "
-                            + "; ".join(diff))
-        if saved["step"] >= cfg.num_steps:
-            raise UserError(f"{ckpt} is at step {saved['step']} and --num_steps={cfg.num_steps}: nothing to do; "
-                            "raise --num_steps to train further")
-        run_id = saved["run_id"]
-    _check_run_dir(cfg.run_dir)
-    theirs, id_file = _run_files(cfg.run_dir), os.path.join(cfg.run_dir, "run_id")
-    if theirs and not (os.path.isfile(id_file) and open(id_file).read().strip() == run_id):  # another run's work
-        if not cfg.overwrite:
-            raise UserError(f"run_dir {cfg.run_dir} already holds another run ({', '.join(theirs[:4])}): resume it "
-                            f"with --resume={cfg.run_dir}, pick another --run_dir, or pass --overwrite to delete it")
-        for x in theirs + ["metrics.jsonl", "latest.tmp"] if d.master_process else []:
-            path = os.path.join(cfg.run_dir, x)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    if run_id is None:  # a fresh run: a new id, the same on every rank
-        run_id = all_gather_objects(os.urandom(8).hex(), d)[0]
-    if d.master_process:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(id_file, "w") as f:
-            f.write(run_id)
-        log = os.path.join(cfg.run_dir, "metrics.jsonl")
-        if ckpt and os.path.isfile(log):  # steps logged after the saved one run again: keep the first telling only
-            with open(log) as f:
-                rows = [x for x in f if x.strip() and json.loads(x)["step"] <= saved["step"]]
-            with open(log, "w") as f:
-                f.writelines(rows)
-        if os.path.exists(os.path.join(cfg.run_dir, "latest.tmp")):
-            os.remove(os.path.join(cfg.run_dir, "latest.tmp"))
-    if d.ddp:
-        dist.barrier()
-    return ckpt
-
-
-def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=None):
-    """Write run_dir/ckpt-{step} (HF format + trainer state, `extra` values a trainer measured) atomically;
-    keep this run's last `keep` checkpoints. At every instant `latest` names a complete checkpoint."""
-    if not all(torch.isfinite(p).all() for p in lm.parameters()):  # identical on every rank: all stop together
-        raise UserError(f"step {step}: the weights are not finite: the update diverged (lower --lr={cfg.lr}); "
-                        "not saved, `latest` names the last good checkpoint")
-    final = os.path.join(run_dir, f"ckpt-{step:06d}")
-    tmp, old = final + ".tmp", final + ".old"
-    run_id = open(os.path.join(run_dir, "run_id")).read().strip()
-    if d.master_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if d.ddp:
-        dist.barrier()
-    npr = np.random.get_state()  # as plain values and tensors, so that loading it runs no pickled code
-    rng = {"python": random.getstate(), "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
-           "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # every RNG a run draws from
-    torch.save(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
-    if d.ddp:
-        dist.barrier()
-    if d.master_process:
-        if lora.has_adapters(lm):
-            lora.save(lm, tmp)  # the merged weights as a plain model dir, and the adapter
-        else:
-            lm.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                    "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:  # written last: tmp is complete
-            json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step, "versions": versions(cfg),
-                   "trainer": run_name(type(cfg))},
-                      f, indent=1)
-        if os.path.isdir(final):  # a re-save: renames only, and resolve_latest falls back to the complete tmp
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        with open(os.path.join(run_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(run_dir, "latest.tmp"), os.path.join(run_dir, "latest"))
-        shutil.rmtree(old, ignore_errors=True)
-        ours = [x for x in sorted(os.listdir(run_dir)) if re.fullmatch(r"ckpt-\d+", x)
-                and os.path.isfile(os.path.join(run_dir, x, "run_config.json"))
-                and _read_run_config(os.path.join(run_dir, x))["run_id"] == run_id]
-        for x in ours[:-keep]:  # only this run's checkpoints are ever deleted
-            shutil.rmtree(os.path.join(run_dir, x))
-    if d.ddp:
-        dist.barrier()
-    return final
-
-
-def resolve_latest(path):
-    """The checkpoint a run dir's `latest` file names (or its complete .tmp copy after a crash mid-re-save);
-    any other path unchanged."""
-    latest = os.path.join(path, "latest")
-    if not os.path.isfile(latest):
-        return path
-    with open(latest) as f:
-        name = f.read().strip()
-    if not re.fullmatch(r"ckpt-\d+", name):  # never followed out of the run dir
-        raise UserError(f"{latest} names {name[:80]!r}, not one of this run dir's ckpt-* dirs: fix or delete it")
-    named = os.path.join(path, name)
-    if not os.path.isdir(named) and os.path.isfile(os.path.join(named + ".tmp", "run_config.json")):
-        return named + ".tmp"
-    return named
-
-
-def find_checkpoint(path):
-    """A checkpoint dir, or a run dir whose `latest` file names one; a UserError if neither exists."""
-    ckpt = resolve_latest(os.path.expanduser(path))
-    if not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
-        where = f" (its `latest` names {ckpt})" if ckpt != os.path.expanduser(path) else ""
-        raise UserError(f"no checkpoint at {path}{where}: --resume takes a ckpt-* dir or a run dir with a `latest` file")
-    return ckpt
-
-
-def _load(path):
-    """torch.load of a checkpoint file, on the CPU, weights_only: tensors, numbers, strings, lists and dicts, never
-    pickled code (a shared checkpoint must not run anything); a missing, damaged or foreign file is a UserError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only met something else than plain data: refused, never run
-        if "global" not in str(e).lower():  # not a reference to code: a damaged file
-            raise UserError(f"{path}: cannot read this checkpoint file ({str(e)[:120]}); resume from another "
-                            "ckpt-* dir") from None
-        what = next(x.strip() for x in str(e).splitlines() if "global" in x.lower())
-        raise UserError(f"{path}: refused: it holds objects that loading would run ({what[:100]}); only checkpoints "
-                        "of plain data (tensors, numbers, strings, lists, dicts) load: use another ckpt-* dir") from None
-    except Exception as e:  # a truncated or foreign file raises whatever its unpickler meets
-        raise UserError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: {str(e)[:120]}); "
-                        "resume from another ckpt-* dir") from None
-
-
-def load_trainer_state(ckpt, optimizer, d):
-    """Restore optimizer and this rank's RNG state from ckpt; returns the saved state (step, config, extra)."""
-    path = os.path.join(ckpt, "trainer_state.pt")
-    state = _fields(_load(path), {"step": int, "optimizer": dict, "world_size": int, "config": dict, "extra": dict}, path)
-    if state["world_size"] != d.world_size:
-        raise UserError(f"{ckpt} was written by {state['world_size']} processes; resume it with as many "
-                        f"(torchrun --nproc_per_node={state['world_size']}), not {d.world_size}")
-    rng_path = os.path.join(ckpt, f"rng_rank{d.rank}.pt")
-    rng = _fields(_load(rng_path), {"python": tuple, "numpy": list, "torch": torch.Tensor}, rng_path)
-    try:  # a state of another shape: the optimizer's groups, or an RNG state, do not fit
-        optimizer.load_state_dict(state.pop("optimizer"))
-        random.setstate(rng["python"])
-        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
-        torch.set_rng_state(rng["torch"])
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError) as e:
-        raise UserError(f"{ckpt}: its optimizer or RNG state does not fit this run ({type(e).__name__}: "
-                        f"{str(e)[:100]}); resume from another ckpt-* dir") from None
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
+# checkpoints and run dirs live in checkpoint.py; their names stay reachable here, as the trainers call them
+from checkpoint import (RESUME_MAY_CHANGE, _load, _read_run_config, _run_files, find_checkpoint,  # noqa: E402
+                        load_trainer_state, resolve_latest, save_checkpoint, start_run)
