@@ -221,8 +221,14 @@ def refresh(torch_version, keep_venv):
         shutil.rmtree(venv)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as every entry point of this repository
+        print(f"lock.py: error: {message} (see python scripts/lock.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+    p = Parser(description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="requirements.txt and requirements.lock agree")
@@ -230,7 +236,7 @@ def main(argv=None):
     r = sub.add_parser("refresh", help="newest versions in a fresh venv; the lock only if the suite passes")
     r.add_argument("--torch", default="", help="the torch version to test (default: the locked one)")
     r.add_argument("--keep_venv", action="store_true", help="keep the fresh venv (its path is printed)")
-    args = p.parse_args(argv)  # a bad flag: argparse's usage line and exit 2
+    args = p.parse_args(argv)  # a bad flag: one line, exit 2
     try:
         if args.command == "check":
             lock = read_lock()
