@@ -151,9 +151,8 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                     "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "run_config.json"), "w") as f:  # written last: tmp is complete
-            json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step, "common.versions": common.versions(cfg),
-                   "trainer": common.run_name(type(cfg))},
-                      f, indent=1)
+            json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step,
+                       "versions": common.versions(cfg), "trainer": common.run_name(type(cfg))}, f, indent=1)
         if os.path.isdir(final):  # a re-save: renames only, and resolve_latest falls back to the complete tmp
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
