@@ -126,7 +126,10 @@ def _dash_before(text, start):
     return len(head) > 65
 
 
-_MAX_DIGITS = 4000  # fractions are computed exactly only below this size (decimals have no limit)
+_MAX_DIGITS = 4000  # fractions are computed exactly only below this size
+_MAX_NUMBER = 10_000  # characters: a longer number is no match, so each regex reads a bounded window and the work
+_NEAR = 64            # per completion is flat in its length (beyond C-speed scans such as finding a digit);
+                      # blanks past _NEAR characters separate two numbers
 
 
 class Number:
@@ -194,10 +197,12 @@ def _read(m, text):
     body = m.group(0)
     if not body.isascii() and any(c.isdigit() and not c.isascii() for c in body):
         return None  # \d also matches Arabic-Indic and full-width digits; those are not read
-    after = _SKIP.match(text, m.end()).end()
+    if m.end() - m.start() > _MAX_NUMBER:
+        return None  # longer than any answer (the window may have cut it): unreadable
+    after = _SKIP.match(text, m.end(), m.end() + _NEAR).end()
     if after < len(text) and (text[after].isnumeric() or (text[after] in _JOINERS and text[after + 1:after + 2].isdigit())):
         return None  # '1 234', '1\u200b234', '1.5.3', '3/4/5', '1_000', '3\u00bd': more number follows
-    before = text[:m.start()].rstrip(_BLANK)[-2:]
+    before = text[max(0, m.start() - _NEAR):m.start()].rstrip(_BLANK)[-2:]
     if before[-1:].isnumeric() or (before[-1:] in _JOINERS and before[:1].isdigit()):
         return None  # '1 234' read from its second group
     if _dash_before(text, m.start()) or text[max(0, m.start() - 2):m.start()] == "}{" or text[m.end():m.end() + 2] == "}{":
@@ -233,7 +238,7 @@ def parse_number(text):
     if d is None:
         return None
     p = d.start()  # a token starts at most 4 characters before its first digit ('-$ .5')
-    m = next(m for s in range(max(0, p - 4), p + 1) if (m := _TOKEN.match(text, s)) and m.end() > p)
+    m = next(m for s in range(max(0, p - 4), p + 1) if (m := _TOKEN.match(text, s, p + _MAX_NUMBER + _NEAR)) and m.end() > p)
     return _read(m, text)
 
 
@@ -267,8 +272,9 @@ def extract_last_number(text):
     d = _DIGIT.search(rev)
     if d is None:
         return None
-    start, end = len(text) - _RTOKEN.match(rev, d.start()).end(), len(text) - d.start()
-    m = _TOKEN.match(text, start)
+    start = len(text) - _RTOKEN.match(rev, d.start(), d.start() + _MAX_NUMBER + _NEAR).end()
+    end = len(text) - d.start()
+    m = _TOKEN.match(text, start, end + _NEAR)
     return _read(m, text) if m is not None and m.end() == end else None
 
 
@@ -291,7 +297,7 @@ def format_reward(completion, answer=None):
     if not line.startswith("####"):
         return 0.0
     rest = line[4:].lstrip()
-    m = _TOKEN.fullmatch(rest)
+    m = _TOKEN.fullmatch(rest) if len(rest) <= _MAX_NUMBER else None
     return float(m is not None and _read(m, rest) is not None)
 
 
