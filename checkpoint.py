@@ -26,7 +26,7 @@ import lora
 
 # settings a resume may change: they steer logging and saving, not the trained numbers
 RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "num_steps", "eval_every", "eval_problems", "save_every",
-                     "wandb_project")
+                     "wandb_project", "dist_timeout")
 
 
 def _run_files(run_dir):
@@ -232,6 +232,7 @@ def load_trainer_state(ckpt, optimizer, d):
                         f"{str(e)[:100]}); resume from another ckpt-* dir") from None
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    common._progress["step"] = state["step"]  # what a failed collective's message reports until the next step
     return state
 
 

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import sys
+import traceback
 from contextlib import nullcontext
 
 import numpy as np
@@ -37,6 +38,7 @@ import gsm8k
 import lora
 import tiny
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 # config: a typed dataclass at the top of each trainer, overridden by --key=value
 
@@ -46,12 +48,18 @@ class UserError(ValueError):
 
 
 def run(main):
-    """Run a script's main(): a UserError prints `script: error: message` on stderr and exits 2, no traceback."""
+    """Run a script's main(): a UserError prints `script: error: message` on stderr and exits 2, no traceback; a
+    collective that timed out or lost a peer prints one line naming this rank, the last step done and where (exit 1)."""
     try:
         main()
     except (UserError, gsm8k.DataError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RuntimeError as e:
+        if not (dist.is_initialized() and re.search(r"Timed out waiting|Connection (closed|reset) by peer", str(e))):
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {_collective_failure(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _field_docs(cls):
@@ -154,8 +162,24 @@ class Dist:
     master_process: bool
 
 
-def setup_distributed():
-    """Init the process group when launched by torchrun (nccl on GPU, gloo on CPU); pick the device."""
+_progress = {"step": 0, "timeout": 600.0}  # the last step done (Logger.log, a resume) and the collective timeout
+
+
+def _collective_failure(e):
+    """The one line for a collective that failed: this rank, the last step done, the line of ours that waited."""
+    ours = [f for f in traceback.extract_tb(e.__traceback__) if os.path.dirname(os.path.abspath(f.filename)) == _HERE]
+    at = f" at {os.path.basename(ours[-1].filename)}:{ours[-1].lineno}" if ours else ""
+    what = (f"waited {_progress['timeout']:g} s for the other ranks in a collective{at}: one of them stalled or is "
+            "far slower; see its output, or raise --dist_timeout" if "Timed out" in str(e) else
+            f"lost the connection to another rank in a collective{at}: it died or was killed; see its output")
+    return f"rank {dist.get_rank()}: after step {_progress['step']}, {what}"
+
+
+def setup_distributed(cfg=None):
+    """Init the process group when launched by torchrun (nccl on GPU, gloo on CPU); pick the device. A collective
+    waits at most cfg.dist_timeout seconds (default 600: a few minutes beyond the longest expected wait, rank 0
+    writing a 1.5B checkpoint with its AdamW state, about 18 GB, while the others wait); then gloo raises and
+    common.run names the rank and the step, and nccl's watchdog stops the job."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -165,7 +189,8 @@ def setup_distributed():
             backend = "nccl"
         else:
             device, backend = torch.device("cpu"), "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        _progress["timeout"] = getattr(cfg, "dist_timeout", 600.0)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=_progress["timeout"]))
     else:
         rank, local_rank, world_size = 0, 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -607,6 +632,7 @@ class Logger:
         """Append {'step': step, **metrics} to metrics.jsonl (master process only); NaN (nothing counted) as null.
         A loss or gradient norm that is not finite stops the run on every rank (they hold the same reduced metrics)
         before this step is logged or saved."""
+        _progress["step"] = step
         for k in getattr(metrics, "diverged", ()):
             raise UserError(f"step {step}: {k} is {metrics[k]} (not finite): the update diverged, most often from too "
                             f"high a learning rate (--lr={self.lr}); this step was neither logged nor saved")

@@ -48,6 +48,7 @@ class Config:
     resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
     overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
     seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling, in [0, 1e18] (rank r uses seed + r)
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in (0, inf)
     # rollout
     num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
     batch_prompts: int = 32  # prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
@@ -154,7 +155,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, tau_pos, tau_neg, be
 
 def main():
     cfg = common.parse_config(Config, tiny=TINY)
-    d = common.setup_distributed()
+    d = common.setup_distributed(cfg)
     B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
     common.seed_everything(cfg.seed + d.rank)
