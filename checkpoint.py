@@ -105,9 +105,13 @@ def start_run(cfg, d):
     if run_id is None:  # a fresh run: a new id, the same on every rank
         run_id = common.all_gather_objects(os.urandom(8).hex(), d)[0]
     if d.master_process:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(id_file, "w") as f:
-            f.write(run_id)
+        try:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(id_file, "w") as f:
+                f.write(run_id)
+        except OSError as e:
+            raise common.UserError(f"cannot write the run dir: {e.filename or cfg.run_dir}: {e.strerror or e}; pick "
+                                   "a writable --run_dir") from None
         log = os.path.join(cfg.run_dir, "metrics.jsonl")
         if ckpt and os.path.isfile(log):  # steps logged after the saved one run again: keep the first telling only
             with open(log) as f:
@@ -121,46 +125,57 @@ def start_run(cfg, d):
     return ckpt
 
 
+def _all_wrote(err, d, step, where):
+    """After a phase of writes into `where` (ckpt-N.tmp): every rank learns whether any rank's write failed (this is
+    the phase's barrier too); then the partial copy goes and all stop together, one line naming the path and the fix.
+    `latest` was not touched (unless a re-save had moved ckpt-N aside: then ckpt-N.tmp stays, for resolve_latest)."""
+    failed = torch.tensor([float(err is not None)], device=d.device)
+    if d.ddp:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item() and d.master_process and not os.path.isdir(where[:-len(".tmp")] + ".old"):
+        shutil.rmtree(where, ignore_errors=True)  # a partial copy would hold the space a full disk lacks
+    if err is not None:
+        raise common.UserError(f"step {step}: cannot write the checkpoint: {err.filename or where}: {err.strerror or err}; "
+                               f"free disk space or make {os.path.dirname(where)} writable, then --resume from it "
+                               "(`latest` still names the last complete checkpoint)")
+    if failed.item():
+        raise common.UserError(f"step {step}: another rank could not write the checkpoint {where} (its line says why)")
+
+
 def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=None):
     """Write run_dir/ckpt-{step} (HF format + trainer state, `extra` values a trainer measured) atomically;
-    keep this run's last `keep` checkpoints. At every instant `latest` names a complete checkpoint."""
+    keep this run's last `keep` checkpoints. At every instant `latest` names a complete checkpoint, and a write that
+    fails (a full disk, a read-only dir) stops every rank with one line, its partial copy removed."""
     if not all(torch.isfinite(p).all() for p in lm.parameters()):  # identical on every rank: all stop together
         raise common.UserError(f"step {step}: the weights are not finite: the update diverged (lower --lr={cfg.lr}); "
                         "not saved, `latest` names the last good checkpoint")
     final = os.path.join(run_dir, f"ckpt-{step:06d}")
     tmp, old = final + ".tmp", final + ".old"
     run_id = open(os.path.join(run_dir, "run_id")).read().strip()
+    err = None
     if d.master_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if d.ddp:
-        dist.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as e:
+            err = e
+    _all_wrote(err, d, step, tmp)
     npr = np.random.get_state()  # as plain values and tensors, so that loading it runs no pickled code
     rng = {"python": random.getstate(), "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
            "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # every RNG a run draws from
-    torch.save(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
-    if d.ddp:
-        dist.barrier()
+    try:
+        torch.save(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
+    except OSError as e:
+        err = e
+    _all_wrote(err, d, step, tmp)
     if d.master_process:
-        if lora.has_adapters(lm):
-            lora.save(lm, tmp)  # the merged weights as a plain model dir, and the adapter
-        else:
-            lm.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                    "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:  # written last: tmp is complete
-            json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step,
-                       "versions": common.versions(cfg), "trainer": common.run_name(type(cfg))}, f, indent=1)
-        if os.path.isdir(final):  # a re-save: renames only, and resolve_latest falls back to the complete tmp
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        with open(os.path.join(run_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(run_dir, "latest.tmp"), os.path.join(run_dir, "latest"))
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            _write(tmp, final, old, run_dir, step, lm, tok, optimizer, cfg, d, run_id, extra)
+        except OSError as e:
+            err = e
+    _all_wrote(err, d, step, tmp)
+    if d.master_process:
         ours = [x for x in sorted(os.listdir(run_dir)) if re.fullmatch(r"ckpt-\d+", x)
                 and os.path.isfile(os.path.join(run_dir, x, "run_config.json"))
                 and _read_run_config(os.path.join(run_dir, x))["run_id"] == run_id]
@@ -169,6 +184,28 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
     if d.ddp:
         dist.barrier()
     return final
+
+
+def _write(tmp, final, old, run_dir, step, lm, tok, optimizer, cfg, d, run_id, extra):
+    """Rank 0's part of a save: weights, tokenizer, trainer state and run_config.json into tmp, then the renames."""
+    if lora.has_adapters(lm):
+        lora.save(lm, tmp)  # the merged weights as a plain model dir, and the adapter
+    else:
+        lm.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "run_config.json"), "w") as f:  # written last: tmp is complete
+        json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step,
+                   "versions": common.versions(cfg), "trainer": common.run_name(type(cfg))}, f, indent=1)
+    if os.path.isdir(final):  # a re-save: renames only, and resolve_latest falls back to the complete tmp
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    with open(os.path.join(run_dir, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(os.path.join(run_dir, "latest.tmp"), os.path.join(run_dir, "latest"))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_latest(path):

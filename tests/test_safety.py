@@ -248,3 +248,37 @@ def test_seeds_and_gtpo_entropy_are_checked(module, argv, words, capsys, monkeyp
 
     from conftest import cli_error
     assert words in cli_error(importlib.import_module(module), ["--tiny", *argv], capsys, monkeypatch)
+
+
+# 5. a full disk or a read-only run dir during a save: one line naming the path, `latest` intact, no partial copy
+import errno  # noqa: E402
+
+import checkpoint  # noqa: E402
+import common  # noqa: E402
+import grpo  # noqa: E402
+
+
+@pytest.mark.parametrize("where,code", [("makedirs", errno.EROFS), ("torch.save", errno.ENOSPC)])
+def test_a_save_that_cannot_write_stops_in_one_line_and_keeps_latest(where, code, tmp_path, tiny_dir, capsys,
+                                                                        monkeypatch):
+    run_dir, saves = tmp_path / "run", []
+    real = {"makedirs": os.makedirs, "torch.save": torch.save}[where]
+
+    def failing(*args, **kwargs):  # the second checkpoint's first write of this kind fails
+        saves.append(args[-1] if where == "torch.save" else args[0])
+        if "ckpt-000002" in str(saves[-1]):
+            raise OSError(code, os.strerror(code), str(saves[-1]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(checkpoint.os if where == "makedirs" else checkpoint.torch, where.split(".")[-1], failing)
+    monkeypatch.setattr(sys, "argv", ["grpo.py", *FAST, "--num_steps=2", "--save_every=1", f"--run_dir={run_dir}"])
+    with pytest.raises(SystemExit) as exc:
+        common.run(grpo.main)
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # the lines before it are the progress bar's
+    assert exc.value.code == 2 and "Traceback" not in err and line.startswith("grpo.py: error: "), err[-3000:]
+    assert "step 2: cannot write the checkpoint: " in line and "ckpt-000002" in line, line
+    assert os.strerror(code) in line and "--resume" in line, line
+    assert open(run_dir / "latest").read() == "ckpt-000001"
+    assert sorted(x for x in os.listdir(run_dir) if x.startswith("ckpt")) == ["ckpt-000001"]
+    rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2]
