@@ -390,6 +390,18 @@ def prompt_indices(n, step, batch, seed):
     return out
 
 
+def check_context(model, tok, prompts, max_new_tokens):
+    """Raise a UserError naming the first prompt that, with max_new_tokens, does not fit the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None) or float("inf")
+    for i, text in enumerate(prompts):
+        if len(text.encode()) + max_new_tokens <= limit:  # a token is at least one byte: no need to count
+            continue
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n + max_new_tokens > limit:
+            raise UserError(f"prompt {i + 1} is {n} tokens: with --max_new_tokens={max_new_tokens} it passes the "
+                            f"model's context of {limit} tokens; shorten it or lower --max_new_tokens")
+
+
 def tokenize_prompts(tok, prompts, device):
     """Left-padded (B, P) input ids and attention mask for a list of prompt strings."""
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)

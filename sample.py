@@ -124,10 +124,11 @@ def main(argv=None):
     mode = "greedy" if cfg.temperature <= 0 else f"temperature={cfg.temperature}, top_p={cfg.top_p}"
     print(f"model: {model_path}  ({len(prompts)} prompt(s) x {n} completion(s), {mode})")
     per_batch = max(1, cfg.batch_size // n)
+    texts = [gsm8k.build_prompt(tok, p["question"], cfg.system_prompt) for p in prompts]
+    common.check_context(model, tok, texts, cfg.max_new_tokens)  # before generating anything
     for s in range(0, len(prompts), per_batch):
         batch = prompts[s:s + per_batch]
-        texts = [gsm8k.build_prompt(tok, p["question"], cfg.system_prompt) for p in batch]
-        ids, mask = common.tokenize_prompts(tok, texts, d.device)
+        ids, mask = common.tokenize_prompts(tok, texts[s:s + per_batch], d.device)
         r = common.generate(model, tok, ids, mask, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                             greedy=cfg.temperature <= 0)
         for i, p in enumerate(batch):

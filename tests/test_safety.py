@@ -256,6 +256,7 @@ import errno  # noqa: E402
 import checkpoint  # noqa: E402
 import common  # noqa: E402
 import grpo  # noqa: E402
+from conftest import cli_error  # noqa: E402
 
 
 @pytest.mark.parametrize("where,code", [("makedirs", errno.EROFS), ("torch.save", errno.ENOSPC)])
@@ -282,3 +283,15 @@ def test_a_save_that_cannot_write_stops_in_one_line_and_keeps_latest(where, code
     assert sorted(x for x in os.listdir(run_dir) if x.startswith("ckpt")) == ["ckpt-000001"]
     rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]
+
+
+def test_a_prompt_past_the_context_length_is_refused_before_generating(tmp_path, tiny_dir, capsys, monkeypatch):
+    import sample
+    prompts = tmp_path / "q.txt"
+    prompts.write_text("What is 2+2?\n" + "what is 3+3? " * 240_000 + "\n")  # a 3 MB line (before: never checked)
+    monkeypatch.setattr(common, "generate", lambda *a, **k: pytest.fail("generated before checking the prompts"))
+    line = cli_error(sample, ["--tiny", f"--prompt_file={prompts}", "--max_new_tokens=32"], capsys, monkeypatch)
+    assert "prompt 2 is " in line and "context of 512 tokens" in line and "--max_new_tokens=32" in line, line
+    prompts.write_text("What is 2+2?\n" + "x" * 470 + "\n")  # fits alone, not with 64 new tokens
+    line = cli_error(sample, ["--tiny", f"--prompt_file={prompts}", "--max_new_tokens=64"], capsys, monkeypatch)
+    assert "prompt 2 is " in line, line
