@@ -54,12 +54,28 @@ def run(main):
         main()
     except (UserError, gsm8k.DataError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit(2)
     except RuntimeError as e:
         if not (dist.is_initialized() and re.search(r"Timed out waiting|Connection (closed|reset) by peer", str(e))):
             raise
         print(f"{os.path.basename(sys.argv[0])}: error: {_collective_failure(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _exit(1)
+    if _progress["joined"]:
+        _exit(0)
+
+
+def _exit(code):
+    """Exit with `code`. A process that joined a process group leaves through os._exit once its output is flushed
+    (and wandb finished): interpreter finalization would run while a gloo worker thread may still be dropping the
+    last collective's work, whose tensors then need the GIL of a dying interpreter, and the process aborts after a
+    correct run (SIGABRT: "terminate called without an active exception"). Every file we write is closed by then."""
+    if not _progress["joined"]:
+        sys.exit(code)
+    if getattr(sys.modules.get("wandb"), "run", None) is not None:
+        sys.modules["wandb"].finish(exit_code=code)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _field_docs(cls):
@@ -162,7 +178,8 @@ class Dist:
     master_process: bool
 
 
-_progress = {"step": 0, "timeout": 600.0}  # the last step done (Logger.log, a resume) and the collective timeout
+_progress = {"step": 0, "timeout": 600.0, "joined": False}  # the last step done (Logger.log, a resume), the collective
+# timeout, and whether this process joined a process group (common.run then leaves through os._exit)
 
 
 def _collective_failure(e):
@@ -191,6 +208,7 @@ def setup_distributed(cfg=None):
             device, backend = torch.device("cpu"), "gloo"
         _progress["timeout"] = getattr(cfg, "dist_timeout", 600.0)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=_progress["timeout"]))
+        _progress["joined"] = True
     else:
         rank, local_rank, world_size = 0, 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_copies, ddp_finish, ddp_setup  # noqa: E402
+import common  # noqa: E402  (conftest put the repository on the path)
 import cispo  # noqa: E402
-import common  # noqa: E402
 
 EPS_LOW, EPS_HIGH, BETA = 1.0, 0.28, 0.04
 # rows 0, 3 and 6 of conftest.ddp_batch are one-line answers: rank 0 gets them, rank 1 the long ones
@@ -64,4 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_copies, ddp_finish, ddp_setup, single_process  # noqa: E402
-import common  # noqa: E402
+import common  # noqa: E402  (conftest put the repository on the path)
 import ppo  # noqa: E402
 import tiny  # noqa: E402
 
@@ -69,4 +69,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo

@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 from conftest import ROOT, run, torchrun
@@ -21,6 +22,20 @@ def test_grpo_trains_under_torchrun(tiny_dir, tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert os.path.isfile(tmp_path / "ckpt-000002" / "rng_rank1.pt")
+
+
+def test_a_finished_two_rank_run_exits_0_every_time_under_load():
+    # a correct run once died at teardown (SIGABRT, "terminate called without an active exception"): interpreter
+    # finalization ran while a gloo worker thread still held the last collective's work. Now a process that joined
+    # a process group leaves through os._exit after flushing: finalization (the atexit marker) never runs.
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # load: the race's window widens
+    try:
+        for _ in range(3):
+            p = run(torchrun(2, "tests/ddp_teardown_check.py"), timeout=600)
+            assert "terminate called" not in p.stderr and p.stdout.count(": finished") == 2, p.stderr[-3000:]
+            assert "interpreter finalization ran" not in p.stdout, p.stdout
+    finally:
+        burner.kill()
 
 
 def _rank_pids(launcher):
