@@ -1,0 +1,29 @@
+"""scripts/gpu_check.sh --cpu: the GPU check's every step at the tiny shape on the CPU, so that the one call a
+lent GPU gets is a script already proven here."""
+import json
+import math
+import os
+import subprocess
+
+from conftest import ROOT
+
+import test_gpu
+
+
+def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path, tiny_dir):
+    p = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=1500, env={**os.environ, "OUT": str(tmp_path)})
+    report = (tmp_path / "gpu_check.txt").read_text()
+    assert p.returncode == 0, report[-4000:]
+    for part in ("env", "tests", "bench"):
+        assert f"=== {part}: exit 0 in " in report, report[-4000:]
+    assert "torch " in report and "device: cpu" in report and "passed" in report
+    steps = [json.loads(x) for x in open(tmp_path / "steps.jsonl")]
+    assert [s["trainer"] for s in steps] == test_gpu.TRAINERS
+    assert all(math.isfinite(s["loss"]) for s in steps)
+
+
+def test_the_gpu_check_refuses_an_unknown_argument():
+    p = subprocess.run(["bash", "scripts/gpu_check.sh", "--gpu"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "gpu_check.sh: error: unknown argument --gpu: give --cpu or nothing"], p.stderr
