@@ -25,7 +25,7 @@ import torch
 import common
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ALGOS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo"]
+ALGOS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo", "rloo", "maxrl"]
 
 
 @dataclass

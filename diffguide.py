@@ -16,7 +16,8 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TRAINERS = ["dapo.py", "gspo.py", "sapo.py", "gfpo.py", "gtpo.py", "ppo.py", "dpo.py", "drgrpo.py", "cispo.py"]
+TRAINERS = ["dapo.py", "gspo.py", "sapo.py", "gfpo.py", "gtpo.py", "ppo.py", "dpo.py", "drgrpo.py", "cispo.py",
+            "rloo.py", "maxrl.py"]
 
 
 def code_lines(path):

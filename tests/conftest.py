@@ -98,6 +98,27 @@ def value_and_dj(loss, new):
 
 
 # -----------------------------------------------------------------------------
+# the toy batch of ALGORITHMS.md section 11 (the newer methods): one group, G = 4, pads hold 0.0
+
+T11 = {"R": [1.0, 0.0, 0.0, 0.0], "A": [1.0, -0.5, -1.0, 0.5],
+       "new": [[-0.3, -1.2, -0.05], [-2.0, -0.4, -0.9, -1.5], [-0.1, -0.7], [-0.2, -3.0, -0.6, -0.9]],
+       "old": [[-0.6, -1.0, -0.5], [-1.5, -0.5, -0.3, -1.6], [-0.2, -0.2], [-0.25, -2.5, -0.65, -1.0]],
+       "ref": [[-0.5, -1.1, -0.2], [-1.8, -0.6, -0.5, -1.4], [-0.3, -0.4], [-0.3, -2.8, -0.7, -0.8]],
+       "mu": [[-0.65, -0.9, -0.45], [-1.4, -0.2, -1.1, -1.6], [-1.5, -0.25], [-0.2, -1.7, -0.7, -1.1]]}
+# its "ADV" batch: 3 prompts x G = 4 (q3 all wrong); lengths as in the spec, the reward on the last token
+ADV11 = {"R": [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+         "lengths": [3, 4, 2, 4, 2, 3, 4, 1, 4, 2, 3, 3]}
+
+
+def toy11():
+    """(new (requires grad), old, ref, mu, mask, R, Â) of section 11's toy as float64 (B, 4) tensors."""
+    new, mask = padded(T11["new"])
+    old, ref, mu = (padded(T11[k])[0] for k in ("old", "ref", "mu"))
+    return (new.requires_grad_(True), old, ref, mu, mask, torch.tensor(T11["R"], dtype=F64),
+            torch.tensor(T11["A"], dtype=F64))
+
+
+# -----------------------------------------------------------------------------
 # the 2-process DDP checks (tests/ddp_*_check.py, launched by torchrun)
 
 

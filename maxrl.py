@@ -1,0 +1,238 @@
+"""
+MaxRL: Maximum Likelihood RL (Tajwar et al., arXiv 2602.02710).
+
+With a binary reward, a prompt's pass rate p = π(correct | x) is a likelihood, and RL on it maximises
+E[p]. MaxRL maximises log p instead (truncated at N samples: J^(T) = -Σ_{k=1}^{N} (1-p)^k / k), whose
+unbiased estimator divides each group by its mean reward, not its std: hard prompts weigh about 1/p.
+
+    ∇J ≈ 1/N Σ_i Â_i ∇ log π(o_i),   Â_i = (r_i - mean(r)) / mean(r)   (0 when no sample is right) (§4, Alg. 1)
+
+taken as a "GRPO-style step": one on-policy update per batch (ρ ≡ 1, the clip inert), token-mean over
+the batch's tokens, no KL. The paper's weight on a prompt of pass rate p is 1/p; GRPO's is 1/√(p(1-p)).
+
+What changes versus GRPO, numbered:
+ 1. Â_i = (r_i - mean) / mean over the group (group_advantages), 0 where the mean is 0.
+ 2. Binary reward: correctness only (format_weight = 0); the estimator needs r ∈ {0, 1}.
+ 3. Token-level loss: the mini-batch's token sum over its token count (all ranks), as in the paper (verl token-mean).
+ 4. One on-policy update per batch (num_minibatches = 1), no KL (β = 0), G = 16 (the paper's rollouts per prompt).
+
+Launch:
+    python maxrl.py --tiny                   # the embedded tiny default: CPU, no downloads, about a minute
+    torchrun --nproc_per_node=2 maxrl.py     # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
+
+Departures from the paper, numbered:
+ 1. 16 prompts x G = 16 per step (256 completions, as grpo.py) instead of 256 x 16, and lr 1e-6 as its Qwen3 runs.
+ 2. The clipped PPO surrogate is kept: on-policy it is the paper's gradient; with num_minibatches > 1 it guards.
+
+Details: docs/maxrl.md
+"""
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+import evaluation
+import gsm8k
+
+
+@dataclass
+class Config:
+    # run
+    tiny: bool = False  # the embedded default: tiny Qwen2 model + synthetic GSM8K-style task (CPU, no downloads)
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # initial policy (and reference): hub name, local dir, or "tiny"
+    data_path: str = ""  # GSM8K: a dir with train.jsonl/test.jsonl, a train jsonl file, "tiny", or "" (the hub)
+    test_path: str = ""  # held-out jsonl ("" = test.jsonl beside data_path; required when data_path is a file)
+    run_dir: str = ""  # metrics.jsonl, config.json and checkpoints ("" = runs/<trainer>, runs/<trainer>-tiny)
+    resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
+    overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
+    seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling, in [0, 1e18] (rank r uses seed + r)
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in (0, inf)
+    # rollout
+    num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
+    batch_prompts: int = 16  # [MAXRL] prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
+    group_size: int = 16  # [MAXRL] G: completions per prompt, in [2, inf); the paper's 16 rollouts (Qwen3 table)
+    max_new_tokens: int = 300  # completion length cap, in [1, inf); a completion without EOS by then is truncated
+    temperature: float = 1.0  # sampling temperature, in (0, inf); log-probs are computed under the same one
+    top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
+    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
+    system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
+    format_weight: float = 0.0  # [MAXRL] reward = correctness + format_weight * format, in [0, inf); 0: binary (§3)
+    # optimisation
+    lr: float = 1e-6  # AdamW learning rate, in (0, inf) (DeepSeekMath: 1e-6)
+    warmup_steps: int = 10  # linear learning-rate warm-up in rollout steps, in [0, inf)
+    weight_decay: float = 0.0  # AdamW weight decay, in [0, inf)
+    max_grad_norm: float = 1.0  # gradient clipping, in (0, inf)
+    num_minibatches: int = 1  # [MAXRL] optimizer steps per rollout batch, in [1, inf); 1: on-policy (Alg. 1)
+    micro_batch_size: int = 8  # sequences per forward/backward (accumulated within a mini-batch), in [1, inf)
+    gradient_checkpointing: bool = True  # recompute activations in backward to save memory
+    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
+    lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
+    # algorithm
+    clip_eps: float = 0.2  # ε: PPO clip range for the token ratio, in (0, 1)
+    beta: float = 0.0  # [MAXRL] β: k3 KL coefficient, in [0, inf); 0 as in the paper (no reference model)
+    # evaluation and logging
+    eval_every: int = 25  # held-out greedy evaluation every this many steps, in [0, inf) (0 = before and after)
+    eval_problems: int = 250  # held-out test problems per evaluation, in [1, inf)
+    save_every: int = 50  # checkpoint every this many steps (and at the end), in [1, inf)
+    wandb_project: str = ""  # log to this wandb project too (needs `pip install wandb`)
+
+
+# --tiny sets these (explicit --key=value flags still win): a run of about a minute on 2 CPU cores.
+TINY = dict(model="tiny", data_path="tiny", num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32,
+            system_prompt="", lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64,
+            gradient_checkpointing=False, eval_every=20, eval_problems=200, save_every=20)
+TINY.update(num_minibatches=1)  # [MAXRL] the paper's on-policy step (Alg. 1)
+
+
+# -----------------------------------------------------------------------------
+# the algorithm: pure functions that tests import without starting a run
+
+
+def group_advantages(rewards, group_size):  # [MAXRL] over the mean, not the std (§4): hard prompts weigh ~1/p
+    """Â_i = (R_i - mean) / mean over each group of G consecutive rewards; (B,) -> (B,).
+    All-equal groups (none right, or all right) get Â = 0 exactly, never NaN: the paper's appendix
+    adds 1e-6 to the mean, prime-rl zeroes mean <= 0; a group with no success has no likelihood to raise.
+    """
+    r = rewards.view(-1, group_size)                                          # (prompts, G)
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True, unbiased=False)
+    adv = torch.where(std > 1e-6, (r - mean) / mean.clamp_min(1e-6), torch.zeros_like(r))  # [MAXRL] / mean
+    return adv.view(-1)
+
+
+def kl_k3(logp, ref_logp):
+    """The k3 estimate of KL(π_θ || π_ref) per token (eq. 4): π_ref/π_θ - log(π_ref/π_θ) - 1 >= 0."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, num_tokens):  # [MAXRL] num_tokens
+    """-J_MaxRL: the clipped surrogate's token sum over num_tokens = Σ|o_i| of the mini-batch (all ranks).
+
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp is unused when beta == 0.
+    """
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)                                        # ρ (B, T)
+    A = advantages[:, None]
+    per_token = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+    kl = kl_k3(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)       # (B, T)
+    per_token = per_token - beta * kl
+    loss = -(per_token * mask).sum() / num_tokens  # [MAXRL] token-mean over the mini-batch (paper: verl token-mean)
+    with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
+        clipped = ((A > 0) & (ratio > 1 + clip_eps)) | ((A < 0) & (ratio < 1 - clip_eps))
+        stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
+                 "kl": ((kl * mask).sum(), mask.sum()),
+                 "ratio": ((ratio * mask).sum(), mask.sum())}
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main():
+    cfg = common.parse_config(Config, tiny=TINY)
+    d = common.setup_distributed(cfg)
+    B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
+    log = tqdm.write if d.master_process else (lambda *a, **k: None)
+    common.seed_everything(cfg.seed + d.rank)
+
+    # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
+    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
+    path = common.model_path(cfg.model, d)
+    tok = common.load_tokenizer(path)
+    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
+    raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
+    policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
+    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
+
+    # rewards and logging
+    reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]  # [MAXRL] format 0
+    logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
+
+    def evaluate():
+        return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
+                                   fast=cfg.fast_rollout)
+
+    if start_step == 0:
+        ev = evaluate()
+        log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
+        logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
+
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
+    for step in pbar:
+        t0, sums = time.time(), {}
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+
+        # 1. prompts: this rank's share of the step's global prompt batch
+        idx = common.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
+
+        # 2. rollout: G completions per prompt from π_old (the current policy)
+        r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
+        mask = r.completion_mask                                                  # (B, T)
+
+        # 3. rewards and 4. group-relative advantages
+        rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
+        advantages = group_advantages(rewards, cfg.group_size)                    # (B,)
+
+        # 5. old and reference log-probs, fixed for all mini-batches of this step
+        old_logp, entropy = common.batched_logprobs(raw, r, cfg.micro_batch_size, cfg.temperature)
+        ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
+        t_rollout = time.time() - t0
+
+        # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
+        perm = torch.randperm(B).to(d.device)
+        for mb in perm.chunk(cfg.num_minibatches):
+            num_tokens = common.all_reduce_sum(mask[mb].sum().float(), d).clamp_min(1)  # [MAXRL] Σ|o_i|, all ranks
+            micro = mb.split(cfg.micro_batch_size)
+            for k, ix in enumerate(micro):
+                # only the last micro-batch all-reduces gradients across ranks
+                sync = nullcontext() if (not d.ddp or k == len(micro) - 1) else policy.no_sync()
+                with sync, common.autocast(d.device):
+                    logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
+                                     cfg.temperature)
+                    loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
+                                              advantages[ix], mask[ix], cfg.clip_eps, cfg.beta, num_tokens)  # [MAXRL]
+                    (loss * d.world_size).backward()  # [MAXRL] DDP averages over ranks; the loss is a sum over them
+                for key, (s, n) in stats.items():
+                    common.accumulate(sums, key, s, n)
+                common.accumulate(sums, "loss", loss.item() * num_tokens.item(), mask[ix].sum())  # [MAXRL] per token
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            common.accumulate(sums, "grad_norm", grad_norm, 1)
+
+        # 7. metrics, averaged over ranks
+        common.rollout_metrics(sums, r, rewards, cfg.group_size)
+        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
+        metrics = common.reduce_metrics(sums, d)
+        metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
+        pbar.set_postfix(common.progress(metrics))
+
+        # 8. periodic held-out eval and checkpoint
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.num_steps:
+            ev = evaluate()
+            metrics.update({f"eval/{k}": v for k, v in ev.items()})
+            log(f"step {done}: held-out greedy accuracy {ev['strict']:.3f}")
+        logger.log(done, metrics)
+        if done % cfg.save_every == 0 or done == cfg.num_steps:
+            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
+
+    if start_step < cfg.num_steps:
+        log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")
+    common.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
+    common.cleanup_distributed(d)
+
+
+if __name__ == "__main__":
+    common.run(main)
