@@ -25,7 +25,8 @@ import torch
 import common
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ALGOS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo", "rloo", "maxrl"]
+ALGOS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo", "rloo", "maxrl",
+         "gmpo"]
 
 
 @dataclass

@@ -1,0 +1,245 @@
+"""
+GMPO: Geometric-Mean Policy Optimization (Zhao et al., arXiv 2507.20673).
+
+GRPO averages each completion's token terms ρ_it Â_i arithmetically, so one token whose ratio has run
+far (an outlier, high or low) moves the whole sum and the update grows unstable. GMPO takes Â_i times
+the geometric mean of the completion's clipped token ratios, which an outlier moves much less:
+
+    J = 1/G Σ_i Â_i exp( 1/|o_i| Σ_t c_it )                                   (paper, via TRL's index)
+    c_it = min(ℓ_it, clip(ℓ_it, -ε, ε)) if Â_i > 0,  max(ℓ_it, clip(ℓ_it, -ε, ε)) if Â_i < 0
+    ℓ_it = log ρ_it = log π_θ(o_it) - log π_old(o_it),   Â_i = (R_i - mean(R)) / std(R)
+
+Per token, dJ/dlog π_it = Â_i s_i / (G |o_i|) where unclipped (s_i the geometric mean), 0 where clipped.
+
+What changes versus GRPO, numbered:
+ 1. One term per completion: Â_i times the geometric mean of its token ratios, not the mean of ρ_it Â_i.
+ 2. The clip acts per token in log space, one-sided by the sign of Â_i, before the mean; ε = 0.4 (§4),
+    i.e. ratios in (e^-0.4, e^0.4) = (0.670, 1.492), wider than PPO's (0.8, 1.2).
+ 3. No KL term (β = 0), as in the authors' runs (--beta 0), so no reference model.
+
+Launch:
+    python gmpo.py --tiny                    # the embedded tiny default: CPU, no downloads, about a minute
+    torchrun --nproc_per_node=2 gmpo.py      # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
+
+Departures from the paper, numbered:
+ 1. 32 prompts x G = 8 per step and 4 mini-batches (grpo.py's), where the authors' run takes 128 prompts x 8.
+ 2. Rule-based GSM8K rewards on Qwen2.5-1.5B-Instruct; the authors train Qwen2.5-Math base models on MATH.
+
+Details: docs/gmpo.md
+"""
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+import evaluation
+import gsm8k
+
+
+@dataclass
+class Config:
+    # run
+    tiny: bool = False  # the embedded default: tiny Qwen2 model + synthetic GSM8K-style task (CPU, no downloads)
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # initial policy (and reference): hub name, local dir, or "tiny"
+    data_path: str = ""  # GSM8K: a dir with train.jsonl/test.jsonl, a train jsonl file, "tiny", or "" (the hub)
+    test_path: str = ""  # held-out jsonl ("" = test.jsonl beside data_path; required when data_path is a file)
+    run_dir: str = ""  # metrics.jsonl, config.json and checkpoints ("" = runs/<trainer>, runs/<trainer>-tiny)
+    resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
+    overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
+    seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling, in [0, 1e18] (rank r uses seed + r)
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in (0, inf)
+    # rollout
+    num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
+    batch_prompts: int = 32  # prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
+    group_size: int = 8  # G: completions sampled per prompt, in [2, inf)
+    max_new_tokens: int = 300  # completion length cap, in [1, inf); a completion without EOS by then is truncated
+    temperature: float = 1.0  # sampling temperature, in (0, inf); log-probs are computed under the same one
+    top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
+    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
+    system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
+    format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf)
+    # optimisation
+    lr: float = 1e-6  # AdamW learning rate, in (0, inf) (DeepSeekMath: 1e-6)
+    warmup_steps: int = 10  # linear learning-rate warm-up in rollout steps, in [0, inf)
+    weight_decay: float = 0.0  # AdamW weight decay, in [0, inf)
+    max_grad_norm: float = 1.0  # gradient clipping, in (0, inf)
+    num_minibatches: int = 4  # optimizer steps per rollout batch (mini-batches of the rollout), in [1, inf)
+    micro_batch_size: int = 8  # sequences per forward/backward (accumulated within a mini-batch), in [1, inf)
+    gradient_checkpointing: bool = True  # recompute activations in backward to save memory
+    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
+    lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
+    # algorithm
+    clip_eps: float = 0.4  # [GMPO] ε: clip range of the token log-ratio, in (0, inf); |log ρ| <= 0.4 (§4)
+    beta: float = 0.0  # [GMPO] β: k3 KL coefficient, in [0, inf); 0 as in the authors' runs (no reference model)
+    # evaluation and logging
+    eval_every: int = 25  # held-out greedy evaluation every this many steps, in [0, inf) (0 = before and after)
+    eval_problems: int = 250  # held-out test problems per evaluation, in [1, inf)
+    save_every: int = 50  # checkpoint every this many steps (and at the end), in [1, inf)
+    wandb_project: str = ""  # log to this wandb project too (needs `pip install wandb`)
+
+
+# --tiny sets these (explicit --key=value flags still win): a run of about a minute on 2 CPU cores.
+TINY = dict(model="tiny", data_path="tiny", num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32,
+            system_prompt="", lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64,
+            gradient_checkpointing=False, eval_every=20, eval_problems=200, save_every=20)
+
+
+# -----------------------------------------------------------------------------
+# the algorithm: pure functions that tests import without starting a run
+
+
+def group_advantages(rewards, group_size):
+    """Â_i = (R_i - mean) / std over each group of G consecutive rewards; (B,) -> (B,).
+
+    Std convention (shared by every trainer here): the population std (divide by G), with
+    all-equal groups (std < 1e-6) given Â = 0 exactly, never NaN. TRL and verl use the sample
+    std plus an epsilon (1e-4 / 1e-6), which scales Â by sqrt((G-1)/G) and changes the clip-free
+    loss value but not which tokens clip.
+    """
+    r = rewards.view(-1, group_size)                                          # (prompts, G)
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True, unbiased=False)
+    adv = torch.where(std > 1e-6, (r - mean) / std.clamp_min(1e-6), torch.zeros_like(r))
+    return adv.view(-1)
+
+
+def kl_k3(logp, ref_logp):
+    """The k3 estimate of KL(π_θ || π_ref) per token (eq. 4): π_ref/π_θ - log(π_ref/π_θ) - 1 >= 0."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta):  # [GMPO] one term per sequence
+    """-J_GMPO for a batch of sequences: Â_i times the geometric mean of its clipped token ratios, mean over them.
+
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp is unused when beta == 0.
+    """
+    mask = mask.float()
+    log_ratio = logp - old_logp  # [GMPO] ℓ = log ρ (B, T): the clip and the mean work on logs
+    A = advantages[:, None]
+    bounded = torch.clamp(log_ratio, -clip_eps, clip_eps)  # [GMPO] the clip, per token, in log space
+    c = torch.where(A > 0, torch.min(log_ratio, bounded), torch.max(log_ratio, bounded))  # [GMPO] one-sided
+    n = mask.sum(1).clamp_min(1)
+    seq_ratio = torch.exp((c * mask).sum(1) / n)  # [GMPO] s_i: the geometric mean of the clipped ratios (B,)
+    kl = kl_k3(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)       # (B, T)
+    per_seq = advantages * seq_ratio - beta * (kl * mask).sum(1) / n  # [GMPO] (B,): Â_i s_i, not mean_t ρ_it Â_i
+    loss = -per_seq.mean()
+    ratio = torch.exp(log_ratio)  # [GMPO] for the logged mean ratio only
+    with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
+        clipped = ((A > 0) & (log_ratio > clip_eps)) | ((A < 0) & (log_ratio < -clip_eps))  # [GMPO] log bounds
+        stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
+                 "kl": ((kl * mask).sum(), mask.sum()),
+                 "ratio": ((ratio * mask).sum(), mask.sum()),
+                 "seq_ratio": (seq_ratio.sum(), len(seq_ratio))}  # [GMPO] the mean s_i
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main():
+    cfg = common.parse_config(Config, tiny=TINY)
+    d = common.setup_distributed(cfg)
+    B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
+    log = tqdm.write if d.master_process else (lambda *a, **k: None)
+    common.seed_everything(cfg.seed + d.rank)
+
+    # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
+    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
+    path = common.model_path(cfg.model, d)
+    tok = common.load_tokenizer(path)
+    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
+    raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
+    policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
+    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
+
+    # rewards and logging
+    reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
+    logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
+
+    def evaluate():
+        return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
+                                   fast=cfg.fast_rollout)
+
+    if start_step == 0:
+        ev = evaluate()
+        log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
+        logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
+
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
+    for step in pbar:
+        t0, sums = time.time(), {}
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+
+        # 1. prompts: this rank's share of the step's global prompt batch
+        idx = common.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
+
+        # 2. rollout: G completions per prompt from π_old (the current policy)
+        r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
+        mask = r.completion_mask                                                  # (B, T)
+
+        # 3. rewards and 4. group-relative advantages
+        rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
+        advantages = group_advantages(rewards, cfg.group_size)                    # (B,)
+
+        # 5. old and reference log-probs, fixed for all mini-batches of this step
+        old_logp, entropy = common.batched_logprobs(raw, r, cfg.micro_batch_size, cfg.temperature)
+        ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
+        t_rollout = time.time() - t0
+
+        # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
+        perm = torch.randperm(B).to(d.device)
+        for mb in perm.chunk(cfg.num_minibatches):
+            micro = mb.split(cfg.micro_batch_size)
+            for k, ix in enumerate(micro):
+                # only the last micro-batch all-reduces gradients across ranks
+                sync = nullcontext() if (not d.ddp or k == len(micro) - 1) else policy.no_sync()
+                with sync, common.autocast(d.device):
+                    logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
+                                     cfg.temperature)
+                    loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
+                                              advantages[ix], mask[ix], cfg.clip_eps, cfg.beta)
+                    (loss * len(ix) / len(mb)).backward()
+                for key, (s, n) in stats.items():
+                    common.accumulate(sums, key, s, n)
+                common.accumulate(sums, "loss", loss.item() * len(ix), len(ix))
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            common.accumulate(sums, "grad_norm", grad_norm, 1)
+
+        # 7. metrics, averaged over ranks
+        common.rollout_metrics(sums, r, rewards, cfg.group_size)
+        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
+        metrics = common.reduce_metrics(sums, d)
+        metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
+        pbar.set_postfix(common.progress(metrics))
+
+        # 8. periodic held-out eval and checkpoint
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.num_steps:
+            ev = evaluate()
+            metrics.update({f"eval/{k}": v for k, v in ev.items()})
+            log(f"step {done}: held-out greedy accuracy {ev['strict']:.3f}")
+        logger.log(done, metrics)
+        if done % cfg.save_every == 0 or done == cfg.num_steps:
+            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
+
+    if start_step < cfg.num_steps:
+        log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")
+    common.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
+    common.cleanup_distributed(d)
+
+
+if __name__ == "__main__":
+    common.run(main)
