@@ -25,7 +25,8 @@ from conftest import ROOT
 TRAINERS = {"dapo.py": ("[DAPO]", 180), "gspo.py": ("[GSPO]", 80), "sapo.py": ("[SAPO]", 70),
             "gfpo.py": ("[GFPO]", 150), "gtpo.py": ("[GTPO]", 150), "ppo.py": ("[PPO]", 250),
             "dpo.py": ("[DPO]", 150), "drgrpo.py": ("[DRGRPO]", 50), "cispo.py": ("[CISPO]", 80),
-            "rloo.py": ("[RLOO]", 120), "maxrl.py": ("[MAXRL]", 120), "gmpo.py": ("[GMPO]", 80)}
+            "rloo.py": ("[RLOO]", 120), "maxrl.py": ("[MAXRL]", 120), "gmpo.py": ("[GMPO]", 80),
+            "gdpo.py": ("[GDPO]", 100)}
 ALL = ["grpo.py", *TRAINERS]
 
 
