@@ -1,0 +1,252 @@
+"""
+DPPO: Divergence PPO (Qi et al., Rethinking the Trust Region in LLM Reinforcement Learning, arXiv 2602.04879).
+
+PPO's trust region bounds the ratio ρ = π_θ/π_old. For a rare token (π_old = 1e-4) a ratio of 1.2 is
+a negligible move, and for a likely one (π_old = 0.9) the same ratio is impossible: the ratio clip is
+too tight on the tail and too loose on the head. DPPO bounds the divergence itself, on probabilities:
+
+    J = 1/N Σ_{i,t} M_it ρ_it Â_i,   ρ_it = π_θ(o_it) / μ(o_it)   (no ratio clip; N = the batch's tokens)
+    M_it = 0 if the token moved more than δ the way Â_i pushes it:
+        binary-TV: Â > 0 and π_θ - μ > δ, or Â < 0 and π_θ - μ < -δ                     (probabilities)
+        binary-KL: D = μ log(μ/π_θ) + (1-μ) log((1-μ)/(1-π_θ)) > δ, moved the same way
+
+μ is the sampling policy, here π_old (this repository samples from the weights it trains).
+
+What changes versus GRPO, numbered:
+ 1. The trust region masks tokens by |π_θ - μ| (or the binary KL), not by the ratio: no ratio clip.
+ 2. Token-level loss: the mini-batch's token sum over its token count, all ranks (prime-rl, SkyRL).
+ 3. No KL term (β = 0, as verl's DPPO), so no reference model. δ_TV = 0.2, δ_KL = 0.05 (prime-rl, SkyRL).
+
+Launch:
+    python dppo.py --tiny                    # the embedded tiny default: CPU, no downloads, about a minute
+    torchrun --nproc_per_node=2 dppo.py      # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
+
+Departures from the paper, numbered:
+ 1. GRPO's std-normalised advantages and its batch; the paper's default δ is unknown (the frameworks differ).
+ 2. μ = π_old, the trained weights' own log-probs; verl's bypass mode and prime-rl anchor at the inference engine's.
+
+Details: docs/dppo.md
+"""
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+import evaluation
+import gsm8k
+
+
+@dataclass
+class Config:
+    # run
+    tiny: bool = False  # the embedded default: tiny Qwen2 model + synthetic GSM8K-style task (CPU, no downloads)
+    model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # initial policy (and reference): hub name, local dir, or "tiny"
+    data_path: str = ""  # GSM8K: a dir with train.jsonl/test.jsonl, a train jsonl file, "tiny", or "" (the hub)
+    test_path: str = ""  # held-out jsonl ("" = test.jsonl beside data_path; required when data_path is a file)
+    run_dir: str = ""  # metrics.jsonl, config.json and checkpoints ("" = runs/<trainer>, runs/<trainer>-tiny)
+    resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
+    overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
+    seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling, in [0, 1e18] (rank r uses seed + r)
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in (0, inf)
+    # rollout
+    num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
+    batch_prompts: int = 32  # prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
+    group_size: int = 8  # G: completions sampled per prompt, in [2, inf)
+    max_new_tokens: int = 300  # completion length cap, in [1, inf); a completion without EOS by then is truncated
+    temperature: float = 1.0  # sampling temperature, in (0, inf); log-probs are computed under the same one
+    top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
+    fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
+    system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
+    format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf)
+    # optimisation
+    lr: float = 1e-6  # AdamW learning rate, in (0, inf) (DeepSeekMath: 1e-6)
+    warmup_steps: int = 10  # linear learning-rate warm-up in rollout steps, in [0, inf)
+    weight_decay: float = 0.0  # AdamW weight decay, in [0, inf)
+    max_grad_norm: float = 1.0  # gradient clipping, in (0, inf)
+    num_minibatches: int = 4  # optimizer steps per rollout batch (mini-batches of the rollout), in [1, inf)
+    micro_batch_size: int = 8  # sequences per forward/backward (accumulated within a mini-batch), in [1, inf)
+    gradient_checkpointing: bool = True  # recompute activations in backward to save memory
+    logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
+    lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
+    # algorithm
+    divergence: str = "tv"  # [DPPO] the trust region's measure, in {tv, kl}: |π_θ - μ|, or the binary KL
+    delta_tv: float = 0.2  # [DPPO] δ for tv: largest probability move the gradient may push further, in (0, 1)
+    delta_kl: float = 0.05  # [DPPO] δ for kl, in (0, inf) (SkyRL's suggestion for binary-KL)
+    beta: float = 0.0  # [DPPO] β: k3 KL coefficient, in [0, inf); 0 as verl's DPPO (no reference model)
+    # evaluation and logging
+    eval_every: int = 25  # held-out greedy evaluation every this many steps, in [0, inf) (0 = before and after)
+    eval_problems: int = 250  # held-out test problems per evaluation, in [1, inf)
+    save_every: int = 50  # checkpoint every this many steps (and at the end), in [1, inf)
+    wandb_project: str = ""  # log to this wandb project too (needs `pip install wandb`)
+
+
+# --tiny sets these (explicit --key=value flags still win): a run of about a minute on 2 CPU cores.
+TINY = dict(model="tiny", data_path="tiny", num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32,
+            system_prompt="", lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64,
+            gradient_checkpointing=False, eval_every=20, eval_problems=200, save_every=20)
+
+
+# -----------------------------------------------------------------------------
+# the algorithm: pure functions that tests import without starting a run
+
+
+def group_advantages(rewards, group_size):
+    """Â_i = (R_i - mean) / std over each group of G consecutive rewards; (B,) -> (B,).
+
+    Std convention (shared by every trainer here): the population std (divide by G), with
+    all-equal groups (std < 1e-6) given Â = 0 exactly, never NaN. TRL and verl use the sample
+    std plus an epsilon (1e-4 / 1e-6), which scales Â by sqrt((G-1)/G) and changes the clip-free
+    loss value but not which tokens clip.
+    """
+    r = rewards.view(-1, group_size)                                          # (prompts, G)
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True, unbiased=False)
+    adv = torch.where(std > 1e-6, (r - mean) / std.clamp_min(1e-6), torch.zeros_like(r))
+    return adv.view(-1)
+
+
+def kl_k3(logp, ref_logp):
+    """The k3 estimate of KL(π_θ || π_ref) per token (eq. 4): π_ref/π_θ - log(π_ref/π_θ) - 1 >= 0."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, divergence, delta, beta, num_tokens):  # [DPPO]
+    """-J_DPPO for a batch of sequences: masked ρ Â summed over tokens, over num_tokens (all micro-batches, ranks).
+
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,). ref_logp is unused when beta == 0.
+    """
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)                                        # ρ (B, T)
+    A = advantages[:, None]
+    with torch.no_grad():  # [DPPO] which tokens left the trust region the way Â pushes them (probabilities)
+        p, mu = logp.exp(), old_logp.exp()
+        if divergence == "tv":
+            up, down = p - mu > delta, p - mu < -delta
+        else:  # the binary KL between Bernoulli(μ) and Bernoulli(π_θ): did this token's probability move too far
+            q = p.clamp(max=1 - 1e-7)
+            far = mu * (old_logp - logp) + (1 - mu) * (torch.log1p(-mu.clamp(max=1 - 1e-7)) - torch.log1p(-q)) > delta
+            up, down = far & (p > mu), far & (p < mu)
+        clipped = ((A > 0) & up) | ((A < 0) & down)  # [DPPO] M_it = 0
+    per_token = torch.where(clipped, torch.zeros_like(ratio), ratio * A)  # [DPPO] no ratio clip: a mask on Δp
+    kl = kl_k3(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)       # (B, T)
+    per_token = per_token - beta * kl
+    loss = -(per_token * mask).sum() / num_tokens  # [DPPO] token-level over the mini-batch, all ranks
+    with torch.no_grad():
+        stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
+                 "kl": ((kl * mask).sum(), mask.sum()),
+                 "ratio": ((ratio * mask).sum(), mask.sum())}
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main():
+    cfg = common.parse_config(Config, tiny=TINY)
+    d = common.setup_distributed(cfg)
+    B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
+    log = tqdm.write if d.master_process else (lambda *a, **k: None)
+    common.seed_everything(cfg.seed + d.rank)
+
+    # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
+    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
+    path = common.model_path(cfg.model, d)
+    tok = common.load_tokenizer(path)
+    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
+    raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
+    policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
+    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
+
+    # rewards and logging
+    reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
+    logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
+
+    def evaluate():
+        return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
+                                   fast=cfg.fast_rollout)
+
+    if start_step == 0:
+        ev = evaluate()
+        log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
+        logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
+
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
+    for step in pbar:
+        t0, sums = time.time(), {}
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+
+        # 1. prompts: this rank's share of the step's global prompt batch
+        idx = common.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
+
+        # 2. rollout: G completions per prompt from π_old (the current policy)
+        r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
+        mask = r.completion_mask                                                  # (B, T)
+
+        # 3. rewards and 4. group-relative advantages
+        rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
+        advantages = group_advantages(rewards, cfg.group_size)                    # (B,)
+
+        # 5. old and reference log-probs, fixed for all mini-batches of this step
+        old_logp, entropy = common.batched_logprobs(raw, r, cfg.micro_batch_size, cfg.temperature)
+        ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
+        t_rollout = time.time() - t0
+
+        # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
+        perm = torch.randperm(B).to(d.device)
+        for mb in perm.chunk(cfg.num_minibatches):
+            num_tokens = common.all_reduce_sum(mask[mb].sum().float(), d).clamp_min(1)  # [DPPO] Σ|o_i|, all ranks
+            micro = mb.split(cfg.micro_batch_size)
+            for k, ix in enumerate(micro):
+                # only the last micro-batch all-reduces gradients across ranks
+                sync = nullcontext() if (not d.ddp or k == len(micro) - 1) else policy.no_sync()
+                with sync, common.autocast(d.device):
+                    logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
+                                     cfg.temperature)
+                    delta = cfg.delta_tv if cfg.divergence == "tv" else cfg.delta_kl  # [DPPO]
+                    loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
+                                              advantages[ix], mask[ix], cfg.divergence, delta, cfg.beta, num_tokens)
+                    (loss * d.world_size).backward()  # [DPPO] DDP averages over ranks; the loss is a sum over them
+                for key, (s, n) in stats.items():
+                    common.accumulate(sums, key, s, n)
+                common.accumulate(sums, "loss", loss.item() * num_tokens.item(), mask[ix].sum())  # [DPPO] per token
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            common.accumulate(sums, "grad_norm", grad_norm, 1)
+
+        # 7. metrics, averaged over ranks
+        common.rollout_metrics(sums, r, rewards, cfg.group_size)
+        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
+        metrics = common.reduce_metrics(sums, d)
+        metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
+        pbar.set_postfix(common.progress(metrics))
+
+        # 8. periodic held-out eval and checkpoint
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.num_steps:
+            ev = evaluate()
+            metrics.update({f"eval/{k}": v for k, v in ev.items()})
+            log(f"step {done}: held-out greedy accuracy {ev['strict']:.3f}")
+        logger.log(done, metrics)
+        if done % cfg.save_every == 0 or done == cfg.num_steps:
+            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
+
+    if start_step < cfg.num_steps:
+        log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")
+    common.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
+    common.cleanup_distributed(d)
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,138 @@
+"""DPPO (dppo.py) against the spec's vectors (ALGORITHMS.md section 11.6: verl, SkyRL and prime-rl run as they are),
+an independent computation with finite differences, the trust region on probabilities against the ratio clip,
+and short runs (1 process and 2 gloo processes)."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import dppo
+from conftest import F64, cli_error, padded, run, toy11, torchrun, value_and_dj
+
+TV_DJ = [[0.103835, 0.0629793, 0, 0], [-0.0233281, -0.0425066, 0, -0.0425066], [-0.0850131, 0, 0, 0],
+         [0.0404335, 0.0233281, 0.0404335, 0.0425066]]
+
+
+def toy(divergence, delta):
+    new, old, _, _, mask, _, A = toy11()
+    loss, stats = dppo.policy_loss(new, old, None, A, mask, divergence, delta, 0.0, mask.sum())
+    return (*value_and_dj(loss, new), mask, stats, new, old)
+
+
+def test_tv_matches_verl_skyrl_and_prime_rl():
+    value, dj, mask, stats, new, old = toy("tv", 0.2)
+    dp = (new.exp() - old.exp()) * mask
+    assert dp[0, :3].tolist() == pytest.approx([0.192007, -0.0666852, 0.344699], abs=1e-6)
+    assert value == pytest.approx(-0.120162, abs=1e-6)  # SkyRL and prime-rl (kl_tau = 0); verl's value differs
+    torch.testing.assert_close(dj, torch.tensor(TV_DJ, dtype=F64), atol=1e-6, rtol=0)
+    assert (stats["clip_frac"][0] / stats["clip_frac"][1]).item() == pytest.approx(0.230769, abs=1e-6)
+
+
+def test_binary_kl_masks_one_token_more():
+    value, dj, _, stats, _, _ = toy("kl", 0.05)
+    want = torch.tensor(TV_DJ, dtype=F64)
+    want[0, 0] = 0  # o1 t1: D = 0.0854751 > 0.05 and π_θ rose under Â > 0
+    torch.testing.assert_close(dj, want, atol=1e-6, rtol=0)
+    assert value == pytest.approx(-0.0163266, abs=1e-6)  # SkyRL
+    assert stats["clip_frac"][0].item() == 4
+
+
+def independent_objective(new, old, adv, divergence, delta, N):
+    J = 0.0
+    for n_i, o_i, a in zip(new, old, adv):
+        for n, o in zip(n_i, o_i):
+            p, mu = math.exp(n), math.exp(o)
+            if divergence == "tv":
+                up, down = p - mu > delta, p - mu < -delta
+            else:
+                far = mu * math.log(mu / p) + (1 - mu) * math.log((1 - mu) / (1 - p)) > delta
+                up, down = far and p > mu, far and p < mu
+            masked = (a > 0 and up) or (a < 0 and down)
+            J += 0.0 if masked else math.exp(n - o) * a
+    return J / N
+
+
+@pytest.mark.parametrize("divergence,delta", [("tv", 0.1), ("kl", 0.02)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_against_independent_computation_and_finite_differences(seed, divergence, delta):
+    g = torch.Generator().manual_seed(seed)
+    lens = [int(x) for x in torch.randint(1, 7, (8,), generator=g)]
+    new = [(torch.rand(n, generator=g, dtype=F64) * -2.0 - 0.05).tolist() for n in lens]  # probabilities 0.13..0.95
+    old = [[x + 0.3 * float(torch.randn(1, generator=g, dtype=F64)) for x in row] for row in new]
+    old = [[min(x, -0.01) for x in row] for row in old]
+    adv = torch.randn(8, generator=g, dtype=F64).tolist()
+    n_t, mask = padded(new, fill=-7.0)
+    n_t.requires_grad_(True)
+    N = 30.0
+    loss, stats = dppo.policy_loss(n_t, padded(old, fill=-3.0)[0], None, torch.tensor(adv, dtype=F64), mask,
+                                   divergence, delta, 0.0, N)
+    value, dj = value_and_dj(loss, n_t)
+    assert 0 < stats["clip_frac"][0] < stats["clip_frac"][1], "the batch should mix masked and kept tokens"
+    assert value == pytest.approx(-independent_objective(new, old, adv, divergence, delta, N), abs=1e-14)
+    h = 1e-7
+    for i in range(len(new)):
+        assert dj[i, len(new[i]):].abs().sum() == 0
+        for t in range(len(new[i])):
+            up = [row[:] for row in new]; up[i][t] += h
+            dn = [row[:] for row in new]; dn[i][t] -= h
+            fd = (independent_objective(up, old, adv, divergence, delta, N)
+                  - independent_objective(dn, old, adv, divergence, delta, N)) / (2 * h)
+            if abs(fd) < 10:  # not straddling a mask boundary
+                assert dj[i, t].item() == pytest.approx(fd, abs=1e-6)
+
+
+def test_the_region_is_on_probabilities_not_ratios():
+    # the same ratio 1.5 under Â > 0: a rare token (μ = 1e-3, moved 5e-4) stays trainable; a likely one (μ = 0.6,
+    # moved 0.3) is masked. A ratio clip at 1.2 would mask both
+    old = torch.log(torch.tensor([[1e-3, 0.6]], dtype=F64))
+    new = (old + math.log(1.5)).requires_grad_(True)
+    _, stats = dppo.policy_loss(new, old, None, torch.tensor([1.0], dtype=F64), torch.ones(1, 2, dtype=F64),
+                                "tv", 0.2, 0.0, 2.0)
+    _, dj = value_and_dj(dppo.policy_loss(new, old, None, torch.tensor([1.0], dtype=F64),
+                                          torch.ones(1, 2, dtype=F64), "tv", 0.2, 0.0, 2.0)[0], new)
+    assert dj[0, 0].item() == pytest.approx(1.5 / 2) and dj[0, 1].item() == 0 and stats["clip_frac"][0] == 1
+
+
+def test_config_defaults():
+    cfg = dppo.Config()
+    assert (cfg.divergence, cfg.delta_tv, cfg.delta_kl, cfg.beta) == ("tv", 0.2, 0.05, 0.0)
+
+
+def test_a_bad_setting_exits_2_with_one_line(capsys, monkeypatch):
+    line = cli_error(dppo, ["--tiny", "--divergence=js"], capsys, monkeypatch)
+    assert line.startswith("dppo.py: error: --divergence=") and "{tv, kl}" in line
+
+
+def check_run(run_dir, steps):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    for r in rows[1:]:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and 0 <= r["clip_frac"] <= 1
+    assert os.path.isfile(os.path.join(run_dir, f"ckpt-{steps:06d}", "trainer_state.pt"))
+
+
+@pytest.mark.parametrize("divergence", ["tv", "kl"])
+def test_smoke_tiny(divergence, tiny_dir, tmp_path):
+    p = run([sys.executable, "dppo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--eval_problems=8",
+             f"--divergence={divergence}", f"--run_dir={tmp_path}"])
+    assert "held-out greedy accuracy after RL" in p.stdout + p.stderr
+    check_run(tmp_path, 2)
+
+
+def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
+    # dppo.py ends with common.check_replicas: both ranks hold identical weights and took the same steps
+    run(torchrun(2, "dppo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
+                 "--eval_problems=8", f"--run_dir={tmp_path}"))
+    check_run(tmp_path, 2)
+
+
+def test_ddp_update_equals_single_process_update_with_unequal_token_counts(tiny_dir, tmp_path):
+    out = tmp_path / "ddp.json"
+    p = run(torchrun(2, "tests/ddp_dppo_check.py", str(out)), timeout=600)
+    assert p.stdout.count("DDP update == single-process update") == 2
+    res = json.load(open(out))
+    assert res["tokens_rank1"] > 1.5 * res["tokens_rank0"]
+    assert res["ddp_vs_single"] < 1e-5 and res["max_change"] > 1e-3 and res["naive_vs_single"] > 1e-4
