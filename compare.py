@@ -26,7 +26,7 @@ import common
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ALGOS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo", "rloo", "maxrl",
-         "gmpo", "gdpo", "dppo"]
+         "gmpo", "gdpo", "dppo", "reinforcepp"]
 
 
 @dataclass

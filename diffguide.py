@@ -17,7 +17,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAINERS = ["dapo.py", "gspo.py", "sapo.py", "gfpo.py", "gtpo.py", "ppo.py", "dpo.py", "drgrpo.py", "cispo.py",
-            "rloo.py", "maxrl.py", "gmpo.py", "gdpo.py", "dppo.py"]
+            "rloo.py", "maxrl.py", "gmpo.py", "gdpo.py", "dppo.py", "reinforcepp.py"]
 
 
 def code_lines(path):

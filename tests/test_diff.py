@@ -26,7 +26,8 @@ TRAINERS = {"dapo.py": ("[DAPO]", 180), "gspo.py": ("[GSPO]", 80), "sapo.py": ("
             "gfpo.py": ("[GFPO]", 150), "gtpo.py": ("[GTPO]", 150), "ppo.py": ("[PPO]", 250),
             "dpo.py": ("[DPO]", 150), "drgrpo.py": ("[DRGRPO]", 50), "cispo.py": ("[CISPO]", 80),
             "rloo.py": ("[RLOO]", 120), "maxrl.py": ("[MAXRL]", 120), "gmpo.py": ("[GMPO]", 80),
-            "gdpo.py": ("[GDPO]", 100), "dppo.py": ("[DPPO]", 100)}
+            "gdpo.py": ("[GDPO]", 100), "dppo.py": ("[DPPO]", 100),
+            "reinforcepp.py": ("[R++]", 120)}
 ALL = ["grpo.py", *TRAINERS]
 
 

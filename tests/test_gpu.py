@@ -34,7 +34,7 @@ SHAPE = ({**bench.QWEN25_15B_INSTRUCT, "hidden_size": 64, "intermediate_size": 1
 TOL = 1e-4 if CPU_MODE else 0.1  # log-prob agreement, fp32 vs bf16 (see the docstring)
 PAD, EOS = 151643, [151645, 151643]  # Qwen2.5: <|endoftext|> pads, <|im_end|> and <|endoftext|> end
 TRAINERS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo", "rloo", "maxrl",
-            "gmpo", "gdpo", "dppo", "grpo+lora"]
+            "gmpo", "gdpo", "dppo", "reinforcepp", "grpo+lora"]
 
 
 @pytest.fixture(scope="module")

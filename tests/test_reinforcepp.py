@@ -1,0 +1,130 @@
+"""REINFORCE++ (reinforcepp.py) against the spec's vectors (ALGORITHMS.md section 11.3: OpenRLHF, NeMo-RL and verl
+run as they are), an independent computation with finite differences, the global token whitening over ranks,
+and short runs (1 process and 2 gloo processes), both variants."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import reinforcepp
+from conftest import ADV11, F64, cli_error, padded, run, toy11, torchrun, value_and_dj
+
+
+def adv_batch():
+    """The ADV batch: 12 completions of the spec's lengths, rewards per completion, no KL."""
+    mask = torch.zeros(12, 4, dtype=F64)
+    for i, n in enumerate(ADV11["lengths"]):
+        mask[i, :n] = 1
+    return torch.tensor(ADV11["R"], dtype=F64), mask
+
+
+def test_baseline_variant_matches_openrlhf_and_nemo():
+    R, mask = adv_batch()
+    adv = reinforcepp.reinforce_advantages(R, torch.zeros_like(mask), mask, 4, 0.0, True)
+    want = [2.14908, -0.537271, -0.537271, -0.537271, 0.805906, 0.805906, -1.88045, 0.805906] + [0.134318] * 4
+    assert [adv[i, 0].item() for i in range(12)] == pytest.approx(want, abs=1e-5)
+    assert torch.equal(adv * (1 - mask), torch.zeros_like(adv))  # nothing on the padding
+    # every token of a completion carries its completion's value; the all-wrong group q3 is not 0 (token-weighted)
+    assert all(torch.allclose(adv[i, :n], adv[i, :1].expand(n)) for i, n in enumerate(ADV11["lengths"]))
+
+
+def test_kl_to_go_and_whitening_match_openrlhf():
+    _, old, ref, _, mask, R, _ = toy11()
+    kl = (old - ref) * mask
+    adv = reinforcepp.reinforce_advantages(R, kl, mask, 4, 0.05, False)
+    assert adv[0, :3].tolist() == pytest.approx([1.82924, 1.81758, 1.82924], abs=1e-5)  # OpenRLHF o1
+    # before whitening, the returns verl and OpenRLHF give: o1 [1.015, 1.01, 1.015], o2 [-0.02, -0.005, 0, 0.01]
+    returns = R[:, None] - 0.05 * kl.flip(1).cumsum(1).flip(1)
+    assert (returns * mask)[1].tolist() == pytest.approx([-0.02, -0.005, 0, 0.01], abs=1e-12)
+    flat = returns[mask.bool()]
+    torch.testing.assert_close(adv[mask.bool()], (flat - flat.mean()) / flat.std(unbiased=False))
+
+
+def test_actor_and_k2_loss_match_openrlhf():
+    new, old, ref, _, mask, _, A = toy11()
+    A_tok = A[:, None] * mask
+    loss, stats = reinforcepp.policy_loss(new, old, ref, A_tok, mask, 0.2, 0.01, mask.sum())
+    value, dj = value_and_dj(loss, new)
+    assert value == pytest.approx(-0.100992, abs=1e-6)
+    assert (stats["kl"][0] / stats["kl"][1]).item() == pytest.approx(0.0200962, abs=1e-7)
+    want = [[-0.000153846, 0.0630562, -0.000115385, 0], [0.000153846, -0.0426604, 0.000307692, -0.0424297],
+            [-0.085167, 0.000230769, 0, 0], [0.0403566, 0.0234819, 0.0403566, 0.0425835]]
+    torch.testing.assert_close(dj, torch.tensor(want, dtype=F64), atol=1e-6, rtol=0)
+
+
+def independent_objective(new, old, ref, adv, eps, beta, N):
+    J = 0.0
+    for n_i, o_i, r_i, a_i in zip(new, old, ref, adv):
+        for n, o, r, a in zip(n_i, o_i, r_i, a_i):
+            rho = math.exp(n - o)
+            J += min(rho * a, max(min(rho, 1 + eps), 1 - eps) * a) - beta * 0.5 * (n - r) ** 2
+    return J / N
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_against_independent_computation_and_finite_differences(seed, beta):
+    g = torch.Generator().manual_seed(seed)
+    lens = [int(x) for x in torch.randint(1, 7, (8,), generator=g)]
+    new = [(torch.randn(n, generator=g, dtype=F64) * 0.3 - 1).tolist() for n in lens]
+    old = [[x + 0.25 * float(torch.randn(1, generator=g, dtype=F64)) for x in row] for row in new]
+    ref = [[x + 0.3 * float(torch.randn(1, generator=g, dtype=F64)) for x in row] for row in new]
+    adv = [torch.randn(n, generator=g, dtype=F64).tolist() for n in lens]
+    n_t, mask = padded(new, fill=-7.0)
+    n_t.requires_grad_(True)
+    N = 40.0
+    loss, stats = reinforcepp.policy_loss(n_t, padded(old, fill=3.0)[0], padded(ref, fill=-5.0)[0],
+                                          padded(adv, fill=9.0)[0], mask, 0.2, beta, N)
+    value, dj = value_and_dj(loss, n_t)
+    assert 0 < stats["clip_frac"][0] < stats["clip_frac"][1]
+    assert value == pytest.approx(-independent_objective(new, old, ref, adv, 0.2, beta, N), abs=1e-14)
+    h = 1e-6
+    for i in range(len(new)):
+        assert dj[i, len(new[i]):].abs().sum() == 0
+        for t in range(len(new[i])):
+            up = [row[:] for row in new]; up[i][t] += h
+            dn = [row[:] for row in new]; dn[i][t] -= h
+            fd = (independent_objective(up, old, ref, adv, 0.2, beta, N)
+                  - independent_objective(dn, old, ref, adv, 0.2, beta, N)) / (2 * h)
+            assert dj[i, t].item() == pytest.approx(fd, abs=1e-8)
+
+
+def test_config_defaults():
+    cfg = reinforcepp.Config()
+    assert (cfg.beta, cfg.baseline, cfg.clip_eps, cfg.group_size) == (0.01, False, 0.2, 8)
+
+
+def test_a_bad_setting_exits_2_with_one_line(capsys, monkeypatch):
+    line = cli_error(reinforcepp, ["--tiny", "--baseline=maybe"], capsys, monkeypatch)
+    assert line.startswith("reinforcepp.py: error: --baseline")
+
+
+def check_run(run_dir, steps):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    for r in rows[1:]:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and math.isfinite(r["reward_kl"])
+    assert os.path.isfile(os.path.join(run_dir, f"ckpt-{steps:06d}", "trainer_state.pt"))
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_smoke_tiny(baseline, tiny_dir, tmp_path):
+    p = run([sys.executable, "reinforcepp.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--eval_problems=8",
+             f"--baseline={baseline}", f"--run_dir={tmp_path}"])
+    assert "held-out greedy accuracy after RL" in p.stdout + p.stderr
+    check_run(tmp_path, 2)
+
+
+def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
+    # the whitening and the token count all-reduce over ranks; reinforcepp.py ends with common.check_replicas
+    run(torchrun(2, "reinforcepp.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
+                 "--eval_problems=8", f"--run_dir={tmp_path}"))
+    check_run(tmp_path, 2)
+
+
+def test_two_ranks_whiten_over_the_global_batch(tiny_dir):
+    p = run(torchrun(2, "tests/ddp_reinforcepp_check.py"), timeout=600)
+    assert p.stdout.count("global token whitening == single process") == 2
