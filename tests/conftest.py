@@ -1,9 +1,11 @@
 """Shared test helpers: paths and subprocess runs, the spec's toy batch, and the 2-process DDP check's
 setup and closing block (the tests/ddp_*_check.py scripts import them when torchrun launches them)."""
 import copy
+import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -118,6 +120,21 @@ def toy11():
             torch.tensor(T11["A"], dtype=F64))
 
 
+def assert_finite_differences(dj, new, objective, h=1e-6, tol=1e-8, jump=None):
+    """dJ/dlogπ (B, T) against central finite differences of objective(rows) on ragged `new` (python floats), token
+    by token, and 0 on the padding; with `jump`, a difference above it (a mask or clip boundary crossed) is skipped."""
+    for i in range(len(new)):
+        assert dj[i, len(new[i]):].abs().sum() == 0
+        for t in range(len(new[i])):
+            up = [row[:] for row in new]
+            dn = [row[:] for row in new]
+            up[i][t] += h
+            dn[i][t] -= h
+            fd = (objective(up) - objective(dn)) / (2 * h)
+            if jump is None or abs(fd) < jump:
+                assert dj[i, t].item() == pytest.approx(fd, abs=tol), (i, t)
+
+
 # -----------------------------------------------------------------------------
 # the 2-process DDP checks (tests/ddp_*_check.py, launched by torchrun)
 
@@ -166,3 +183,48 @@ def ddp_finish(d, base, single, model):
     common.check_replicas(model.module, torch.optim.SGD(model.parameters(), lr=0), d)
     print(f"rank {d.rank}: DDP update == single-process update (max diff {worst:.2e}, max change {moved:.2e})")
     common.cleanup_distributed(d)
+
+
+# rows 0, 3 and 6 of ddp_batch are one-line answers: rank 0 gets them, rank 1 the long ones
+TOKEN_SHARES = {0: [0, 3, 6, 1], 1: [2, 4, 5, 7]}
+
+
+def ddp_token_mean_check(out_path, make_adv, loss_fn):
+    """A token-mean trainer's step 6 (all_reduce_sum of the token count, the loss times the world size, micro-batches
+    with no_sync) on two shares of very different token counts, against the single-process update on the whole batch
+    and a naive per-rank token mean; writes the measurements to out_path (rank 0) and tears down.
+    loss_fn(logp, old_logp, ref_logp, adv, mask, num_tokens) -> (loss, stats); make_adv() -> (B,) advantages."""
+    d, batch, base, old_logp, ref_logp = ddp_setup()
+    adv = make_adv()
+    single, model = ddp_copies(base)
+    _, naive = ddp_copies(base)
+
+    def update(policy, rows, dd, micro, per_rank=False):
+        ids, mask, cids, cmask = batch
+        local = cmask[rows].sum().float()
+        num_tokens = local if per_rank else common.all_reduce_sum(local.clone(), dd).clamp_min(1)
+        parts = torch.tensor(rows).split(micro)
+        for k, ix in enumerate(parts):
+            with nullcontext() if (not dd.ddp or k == len(parts) - 1) else policy.no_sync():
+                logp, _ = policy(ids[ix], mask[ix], cids[ix], cmask[ix])
+                loss, _ = loss_fn(logp, old_logp[ix], ref_logp[ix], adv[ix], cmask[ix], num_tokens)
+                (loss if per_rank else loss * dd.world_size).backward()
+        torch.optim.SGD(policy.parameters(), lr=1.0).step()
+
+    update(single, list(range(8)), common.Dist(False, 0, 0, 1, d.device, True), 3)
+    update(model, TOKEN_SHARES[d.rank], d, 2)
+    update(naive, TOKEN_SHARES[d.rank], d, 2, per_rank=True)
+
+    def max_diff(a, b):
+        return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+    with torch.no_grad():
+        _, stats = loss_fn(base(*batch)[0], old_logp, ref_logp, adv, batch[3], 1.0)
+    res = {f"tokens_rank{d.rank}": int(batch[3][TOKEN_SHARES[d.rank]].sum()),
+           "clip_frac": (stats["clip_frac"][0] / stats["clip_frac"][1]).item(),
+           "max_change": max_diff(single, base), "ddp_vs_single": max_diff(model.module, single),
+           "naive_vs_single": max_diff(naive.module, single)}
+    parts = common.all_gather_objects(res, d)
+    if d.master_process:
+        with open(out_path, "w") as f:
+            json.dump({**parts[1], **parts[0]}, f, indent=1)
+    ddp_finish(d, base, single, model)  # asserts DDP == single process, checks the replicas, tears down

@@ -1,66 +1,25 @@
-"""Launched by test_maxrl.py under `torchrun --nproc_per_node=2` (gloo): one MaxRL update, with the token-mean's
-count taken over both ranks, on two shares of a fixed batch whose token counts differ a lot, must equal the
-single-process update on the whole batch (maxrl.main's step 6: all_reduce_sum of the token count, the loss
-times the world size, two micro-batches with no_sync); a per-rank token mean must not.
-Rank 0 writes the measurements to the JSON file named by argv[1]; test_maxrl.py asserts on them."""
-import json
+"""Launched by test_maxrl.py under `torchrun --nproc_per_node=2` (gloo): one MaxRL update, the token-mean's
+count taken over both ranks, on two shares of very different token counts, must equal the single-process update on
+the whole batch, and a per-rank token mean must not (conftest.ddp_token_mean_check). Rank 0 writes the
+measurements to the JSON file named by argv[1]; test_maxrl.py asserts on them."""
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ddp_copies, ddp_finish, ddp_setup  # noqa: E402
+from conftest import ddp_token_mean_check  # noqa: E402
 import common  # noqa: E402  (conftest put the repository on the path)
 import maxrl  # noqa: E402
 
-EPS, BETA = 0.2, 0.0
-# rows 0, 3 and 6 of conftest.ddp_batch are one-line answers: rank 0 gets them, rank 1 the long ones
-SHARES = {0: [0, 3, 6, 1], 1: [2, 4, 5, 7]}
+
+def advantages():
+    return maxrl.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 1]), 4)
 
 
-def update(policy, batch, old_logp, ref_logp, adv, rows, d, micro, naive=False):
-    """Step 6 of maxrl.main on `rows`, one optimizer step (SGD, lr 1) over micro-batches of `micro` rows."""
-    ids, mask, cids, cmask = batch
-    local = cmask[rows].sum().float()
-    num_tokens = local if naive else common.all_reduce_sum(local.clone(), d).clamp_min(1)
-    parts = torch.tensor(rows).split(micro)
-    for k, ix in enumerate(parts):
-        sync = nullcontext() if (not d.ddp or k == len(parts) - 1) else policy.no_sync()
-        with sync:
-            logp, _ = policy(ids[ix], mask[ix], cids[ix], cmask[ix])
-            loss, _ = maxrl.policy_loss(logp, old_logp[ix], None, adv[ix], cmask[ix], EPS, BETA, num_tokens)
-            (loss if naive else loss * d.world_size).backward()
-    torch.optim.SGD(policy.parameters(), lr=1.0).step()
-
-
-def main():
-    out_path = sys.argv[1]
-    d, batch, base, old_logp, ref_logp = ddp_setup()
-    adv = maxrl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]), 4)
-    single, model = ddp_copies(base)
-    _, naive = ddp_copies(base)
-
-    update(single, batch, old_logp, ref_logp, adv, list(range(8)), common.Dist(False, 0, 0, 1, d.device, True), 3)
-    update(model, batch, old_logp, ref_logp, adv, SHARES[d.rank], d, 2)
-    update(naive, batch, old_logp, ref_logp, adv, SHARES[d.rank], d, 2, naive=True)
-
-    def max_diff(a, b):
-        return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
-    with torch.no_grad():
-        logp0, _ = base(*batch)
-        _, stats = maxrl.policy_loss(logp0, old_logp, None, adv, batch[3], EPS, BETA, 1.0)
-    res = {f"tokens_rank{d.rank}": int(batch[3][SHARES[d.rank]].sum()),
-           "clip_frac": (stats["clip_frac"][0] / stats["clip_frac"][1]).item(),
-           "max_change": max_diff(single, base), "ddp_vs_single": max_diff(model.module, single),
-           "naive_vs_single": max_diff(naive.module, single)}
-    parts = common.all_gather_objects(res, d)
-    if d.master_process:
-        with open(out_path, "w") as f:
-            json.dump({**parts[1], **parts[0]}, f, indent=1)
-    ddp_finish(d, base, single, model)  # asserts DDP == single process, checks the replicas, tears down
+def loss(logp, old, ref, adv, mask, n):
+    return maxrl.policy_loss(logp, old, None, adv, mask, 0.2, 0.0, n)
 
 
 if __name__ == "__main__":
-    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo
+    common.run(lambda: ddp_token_mean_check(sys.argv[1], advantages, loss))  # os._exit: no finalization under gloo

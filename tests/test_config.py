@@ -24,8 +24,8 @@ def test_tiny_overrides_and_explicit_flags_win():
     assert (cfg.model, cfg.data_path, cfg.run_dir) == ("/m", "/d", "R")
 
 
-@pytest.mark.parametrize("name", ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo", "rloo",
-                                  "maxrl", "gmpo", "gdpo", "dppo", "reinforcepp"])
+@pytest.mark.parametrize("name", ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo",
+                                  "rloo", "maxrl", "gmpo", "gdpo", "dppo", "reinforcepp"])
 def test_run_dir_and_progress_label_come_from_the_file_name(name):
     module = __import__(name)
     assert common.run_name(module.Config) == name
