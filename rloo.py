@@ -15,7 +15,7 @@ What changes versus GRPO, numbered:
  1. Leave-one-out baseline, no std division (group_advantages): Â_i = k/(k-1) (R_i - mean(R)).
  2. The KL moves into the reward: k1 summed over the completion, before the baseline (TRL, verl).
  3. A sequence-level loss: one ratio per completion over its token sum, not a token mean of token ratios.
- 4. k = G = 4 (the paper's best), 64 prompts, β = 0.03, one on-policy update per batch (num_minibatches = 1).
+ 4. k = G = 4 (the paper runs k = 2 and 4), 64 prompts, β = 0.03, one on-policy update per batch (num_minibatches = 1).
 
 Launch:
     python rloo.py --tiny                    # the embedded tiny default: CPU, no downloads, about a minute
@@ -55,7 +55,7 @@ class Config:
     # rollout
     num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
     batch_prompts: int = 64  # [RLOO] prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
-    group_size: int = 4  # [RLOO] k = G: completions per prompt, in [2, inf); k = 4, the paper's best
+    group_size: int = 4  # [RLOO] k = G: completions per prompt, in [2, inf); the paper runs k = 2 and 4
     max_new_tokens: int = 300  # completion length cap, in [1, inf); a completion without EOS by then is truncated
     temperature: float = 1.0  # sampling temperature, in (0, inf); log-probs are computed under the same one
     top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
