@@ -5,7 +5,7 @@ With a binary reward, a prompt's pass rate p = π(correct | x) is a likelihood, 
 E[p]. MaxRL maximises log p instead (truncated at N samples: J^(T) = -Σ_{k=1}^{N} (1-p)^k / k), whose
 unbiased estimator divides each group by its mean reward, not its std: hard prompts weigh about 1/p.
 
-    ∇J ≈ 1/N Σ_i Â_i ∇ log π(o_i),   Â_i = (r_i - mean(r)) / mean(r)   (0 when no sample is right) (§4, Alg. 1)
+    ∇J ≈ 1/N Σ_i Â_i ∇ log π(o_i),   Â_i = (r_i - mean(r)) / mean(r)  (0 if no sample is right)  (§4, Alg. 1)
 
 taken as a "GRPO-style step": one on-policy update per batch (ρ ≡ 1, the clip inert), token-mean over
 the batch's tokens, no KL. The paper's weight on a prompt of pass rate p is 1/p; GRPO's is 1/√(p(1-p)).
@@ -53,7 +53,7 @@ class Config:
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in (0, inf)
     # rollout
     num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
-    batch_prompts: int = 16  # [MAXRL] prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
+    batch_prompts: int = 16  # [MAXRL] prompts per rollout batch over all ranks (divisible by world size), in [1, inf)
     group_size: int = 16  # [MAXRL] G: completions per prompt, in [2, inf); the paper's 16 rollouts (Qwen3 table)
     max_new_tokens: int = 300  # completion length cap, in [1, inf); a completion without EOS by then is truncated
     temperature: float = 1.0  # sampling temperature, in (0, inf); log-probs are computed under the same one

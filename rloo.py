@@ -54,7 +54,7 @@ class Config:
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in (0, inf)
     # rollout
     num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
-    batch_prompts: int = 64  # [RLOO] prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)
+    batch_prompts: int = 64  # [RLOO] prompts per rollout batch over all ranks (divisible by world size), in [1, inf)
     group_size: int = 4  # [RLOO] k = G: completions per prompt, in [2, inf); the paper runs k = 2 and 4
     max_new_tokens: int = 300  # completion length cap, in [1, inf); a completion without EOS by then is truncated
     temperature: float = 1.0  # sampling temperature, in (0, inf); log-probs are computed under the same one
