@@ -18,8 +18,8 @@ Launch:
     torchrun --nproc_per_node=2 sapo.py      # Qwen2.5-1.5B-Instruct on GSM8K, 2 GPUs
 
 Departures from the paper, numbered:
- 1. Qwen2.5-1.5B-Instruct on GSM8K; the paper trains Qwen3-30B-A3B-Base (MoE) and Qwen3-VL.
- 2. G=8 and 32 prompts per step (256 completions) and grpo.py's lr and mini-batches, unchecked in the paper.
+ 1. Qwen2.5-1.5B-Instruct on GSM8K, grpo.py's lr and mini-batches; the paper trains Qwen3-30B-A3B-Base and Qwen3-VL.
+ 2. G=8 and 32 prompts per step (256 completions) instead of G=64 and 1024, to fit 2 GPUs.
  3. Rule-based outcome rewards (GSM8K answer match plus a small format term), not a reward model.
 
 Details: docs/sapo.md
