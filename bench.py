@@ -243,7 +243,7 @@ def main():
 
     def rollout(fast, max_new=T):
         return common.generate(model, tok, prompt_ids, prompt_mask, cfg.group_size, max_new, cfg.temperature,
-                               cfg.top_p, fast=fast)
+                               cfg.top_p, fast=fast, logprobs=True)  # as training samples: log μ recorded too
 
     rows = {}  # phase -> (wall seconds, CPU seconds, tokens, FLOPs per token, peak GiB)
     for fast in (False, True):  # untimed warm-up of both paths (CUDA context, cuBLAS, kernels)

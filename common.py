@@ -153,6 +153,8 @@ def parse_config(cls, argv=None, tiny=None):
                                           cfg.batch_prompts // world * cfg.group_size % cfg.num_minibatches):
         raise UserError(f"--batch_prompts={cfg.batch_prompts} must split over the {world} process(es), and each one's "
                         f"completions (x --group_size={cfg.group_size}) into --num_minibatches={cfg.num_minibatches}")
+    if getattr(cfg, "rollout_correction", "").endswith("mask") and not cfg.rc_min < cfg.rc_max:
+        raise UserError(f"--rc_min={cfg.rc_min} must be below --rc_max={cfg.rc_max}: tokens with ρ in between are kept")
     if hasattr(cfg, "run_dir") and not cfg.run_dir:  # derived from the file name, as CleanRL's exp_name
         cfg.run_dir = os.path.join("runs", run_name(cls) + ("-tiny" if cfg.tiny else ""))
     return cfg
@@ -442,6 +444,7 @@ class Rollout:
     texts: list                   # B decoded completions (special tokens removed)
     pad_id: int                   # the pad token of prompt_ids and completion_ids
     answers: list = None          # B reference answers, one per row (None outside training)
+    sampler_logp: torch.Tensor = None  # (B, T) log μ: the sampler's log-probs of the drawn tokens, 0 after EOS
 
     def select(self, rows):
         """The rows `rows` (1-D indices), on this rollout's device."""
@@ -457,19 +460,21 @@ class Rollout:
         left = lambda x, v: nn.functional.pad(x.to(device), (P - x.shape[1], 0), value=v)   # noqa: E731
         right = lambda x, v: nn.functional.pad(x.to(device), (0, T - x.shape[1]), value=v)  # noqa: E731
         answers = None if any(r.answers is None for r in rs) else [a for r in rs for a in r.answers]
+        mu = None if any(r.sampler_logp is None for r in rs) else torch.cat([right(r.sampler_logp, 0) for r in rs])
         return Rollout(torch.cat([left(r.prompt_ids, pad) for r in rs]), torch.cat([left(r.prompt_mask, 0) for r in rs]),
                        torch.cat([right(r.completion_ids, pad) for r in rs]),
                        torch.cat([right(r.completion_mask, 0) for r in rs]),
                        torch.cat([r.lengths.to(device) for r in rs]), torch.cat([r.truncated.to(device) for r in rs]),
-                       [t for r in rs for t in r.texts], pad, answers)
+                       [t for r in rs for t in r.texts], pad, answers, mu)
 
 
 def rollout(model, tok, problems, cfg, device):
-    """G = cfg.group_size completions sampled from `model` for each problem's chat prompt, with the answers."""
+    """G = cfg.group_size completions sampled from `model` for each problem's chat prompt, with the answers and
+    the sampler's log-probs."""
     prompts = [gsm8k.build_prompt(tok, p["question"], cfg.system_prompt) for p in problems]
     ids, mask = tokenize_prompts(tok, prompts, device)
     r = generate(model, tok, ids, mask, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                 fast=cfg.fast_rollout)
+                 fast=cfg.fast_rollout, logprobs=True)
     r.answers = [p["answer"] for p in problems for _ in range(cfg.group_size)]
     return r
 
@@ -485,31 +490,34 @@ def completion_mask(completion_ids, eos_ids):
 
 @torch.no_grad()
 def generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature=1.0,
-             top_p=1.0, greedy=False, fast=False):
+             top_p=1.0, greedy=False, fast=False, logprobs=False):
     """`group_size` completions per prompt from Hugging Face generate (the readable path), or with fast=True
-    decoder.fast_decode (the same sampling from a static-KV-cache loop); in eval mode."""
+    decoder.fast_decode (the same sampling from a static-KV-cache loop); in eval mode. logprobs: also record
+    log μ, the sampling distribution's log-probs of the drawn tokens (Rollout.sampler_logp)."""
     was_training = model.training
     model.eval()
     eos = eos_token_ids(model, tok)
     ids = prompt_ids.repeat_interleave(group_size, 0)
     mask = prompt_mask.repeat_interleave(group_size, 0)
     if fast:
-        out, _ = decoder.fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
-                                     temperature, top_p, greedy, group_size)
+        out, mu = decoder.fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
+                                      temperature, top_p, greedy, group_size, return_logprobs=logprobs)
     else:
         with autocast(ids.device):
-            out = decoder.hf_generate(model, ids, mask, max_new_tokens, eos, tok.pad_token_id, temperature, top_p,
-                                      greedy)
+            out, mu = decoder.hf_generate(model, ids, mask, max_new_tokens, eos, tok.pad_token_id, temperature,
+                                          top_p, greedy, return_logprobs=logprobs)
     model.train(was_training)
-    return make_rollout(tok, ids, mask, out, eos)
+    return make_rollout(tok, ids, mask, out, eos, mu)
 
 
-def make_rollout(tok, prompt_ids, prompt_mask, completion_ids, eos):
-    """Package generated ids into a Rollout (mask to first EOS, lengths, truncation, texts)."""
+def make_rollout(tok, prompt_ids, prompt_mask, completion_ids, eos, sampler_logp=None):
+    """Package generated ids (and their sampler log-probs) into a Rollout (mask to first EOS, lengths, texts)."""
     cmask, truncated = completion_mask(completion_ids, eos)
     completion_ids = torch.where(cmask.bool(), completion_ids, tok.pad_token_id)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, cmask, cmask.sum(1), truncated, texts, tok.pad_token_id)
+    mu = None if sampler_logp is None else torch.where(cmask.bool(), sampler_logp.float(), 0.0)  # pads may be -inf
+    return Rollout(prompt_ids, prompt_mask, completion_ids, cmask, cmask.sum(1), truncated, texts, tok.pad_token_id,
+                   sampler_logp=mu)
 
 
 def compute_rewards(completions, answers, reward_fns):
@@ -527,6 +535,45 @@ def rollout_metrics(sums, r, rewards, group_size):
                       ("response_length", r.lengths.float().sum(), n), ("truncated", r.truncated.sum(), n),
                       ("zero_std_groups", zero_std.sum(), len(zero_std))]:
         accumulate(sums, key, s, c)
+
+
+# -----------------------------------------------------------------------------
+# rollout correction: the sampler μ (decoder) is not exactly π_old (the trainer's forward): docs/rollout_correction.md
+
+
+def correction_weights(log_ratio, mask, mode, rc_min, rc_max):
+    """Detached (B, T) weights from log ρ_t = log π_old - log μ (B, T). token_tis: min(ρ_t, C); seq_tis: min(Π_t ρ_t,
+    C) on every token; token_mask: ρ_t if C_min <= ρ_t <= C_max else 0 (IcePop); seq_mask: the same test on Π_t ρ_t."""
+    log_ratio = log_ratio.detach() * mask
+    if mode.startswith("seq"):
+        log_ratio = log_ratio.sum(1, keepdim=True).expand_as(log_ratio)  # Π_t ρ_t: no length normalisation
+    rho = torch.exp(log_ratio)
+    if mode.endswith("tis"):
+        return rho.clamp(max=rc_max)
+    return torch.where((rho >= rc_min) & (rho <= rc_max), rho, torch.zeros_like(rho))  # inf -> 0, never NaN
+
+
+def rollout_correction(r, old_logp, cfg, sums):
+    """Log how far the sampler μ is from π_old on this rollout (mean |log μ - log π_old| per token, and KL(μ || π_old)
+    per sequence: k3 summed over its tokens); return --rollout_correction's weights (B, T), or None when it is none."""
+    mask = r.completion_mask.float()
+    log_ratio = (old_logp - r.sampler_logp) * mask                        # log ρ = log π_old - log μ
+    accumulate(sums, "mismatch", log_ratio.abs().sum(), mask.sum())
+    x = log_ratio.double()  # k3 = ρ - 1 - log ρ >= 0, as expm1 in fp64: no cancellation at ρ ≈ 1
+    accumulate(sums, "mismatch_kl", ((torch.expm1(x) - x) * mask).sum(), len(mask))
+    if cfg.rollout_correction == "none":
+        return None
+    w = correction_weights(log_ratio, mask, cfg.rollout_correction, cfg.rc_min, cfg.rc_max)
+    accumulate(sums, "rc_weight", (w * mask).sum(), mask.sum())
+    accumulate(sums, "rc_masked", ((w == 0).float() * mask).sum(), mask.sum())
+    return w
+
+
+def reweight(logp, w, rows):
+    """log π_θ of the micro-batch `rows` with its value unchanged and each token's gradient times w[rows] (w None:
+    logp itself). Every loss term built on it then weighs token t by w_t, as a detached weight multiplied into a
+    per-token loss would; the loss value logged stays the uncorrected one."""
+    return logp if w is None else logp.detach() + w[rows] * (logp - logp.detach())
 
 
 # -----------------------------------------------------------------------------

@@ -6,7 +6,9 @@ keeps its engine.py apart the same way).
     hf_generate      Hugging Face generate() with exactly our sampling: the readable path
     check_model      raise unless the model is a Qwen2/Llama-style decoder this loop supports
     StaticDecoder    prefill and one-token decode steps over a preallocated KV cache (+ CUDA graphs)
+    sampling_logits  temperature and top-p, as generate()'s warpers apply them (log_softmax = log μ)
     sample_tokens    the next tokens, drawn exactly as Hugging Face generate() draws them
+    SamplerLogprobs  a logits processor that records log μ of the tokens generate() draws
     fast_decode      the decode loop: (B, T) completion ids, optionally their log-probs
 
 Hugging Face generate() spends a decode step mostly in Python (cache and mask bookkeeping, logits
@@ -187,8 +189,10 @@ class StaticDecoder:
         return out
 
 
-def hf_generate(model, ids, mask, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0, greedy=False):
-    """(B, T) completion ids from Hugging Face generate(), the readable path the fast loop must match."""
+def hf_generate(model, ids, mask, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0, greedy=False,
+                return_logprobs=False):
+    """(B, T) completion ids from Hugging Face generate(), the readable path the fast loop must match, and with
+    return_logprobs their (B, T) log-probs under the sampling distribution (SamplerLogprobs), else None."""
     from transformers import GenerationConfig
     # A fresh GenerationConfig, so a model's own defaults (top_k, repetition_penalty) never leak
     # in: the sampling distribution must be exactly softmax(logits / temperature), top-p cut.
@@ -196,32 +200,63 @@ def hf_generate(model, ids, mask, max_new_tokens, eos, pad_id, temperature=1.0, 
         do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
         top_k=0 if not greedy else None, max_new_tokens=max_new_tokens, eos_token_id=eos,
         pad_token_id=pad_id, repetition_penalty=1.0)
-    return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, ids.shape[1]:]
+    rec = SamplerLogprobs(temperature, 1.0 if greedy else top_p) if return_logprobs else None
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                         logits_processor=[rec] if rec else None)[:, ids.shape[1]:]
+    return out, (rec.finish(out) if rec else None)
+
+
+def sampling_logits(logits, temperature, top_p):
+    """fp32 logits (B, V) -> the logits tokens are drawn from: temperature, then the top-p cut (-inf outside),
+    Hugging Face's TemperatureLogitsWarper and TopPLogitsWarper line for line. log_softmax of them is log μ,
+    the sampler's own log-probs (the rollout-correction weights compare them with the trainer's)."""
+    if temperature != 1.0:                                 # TemperatureLogitsWarper
+        logits = logits / temperature
+    if top_p < 1.0:                                        # TopPLogitsWarper
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[..., -1:] = False
+        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+    return logits
 
 
 def sample_tokens(logits, temperature, top_p, greedy):
     """(B,) next tokens from fp32 logits (B, V), drawn exactly as Hugging Face generate() draws them."""
     if greedy:
         return logits.argmax(-1)
-    if temperature != 1.0:                                 # TemperatureLogitsWarper
-        logits = logits / temperature
-    if top_p < 1.0:                                        # TopPLogitsWarper, line for line
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
-        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        remove[..., -1:] = False
-        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(sampling_logits(logits, temperature, top_p), dim=-1)
     # torch.multinomial(probs, 1) computes exactly this (an exponential race, argmax of p / E),
     # after validity checks over all of probs (a host sync in older torch versions); fast_decode
     # checks the drawn tokens' logits instead, once per rollout.
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
+class SamplerLogprobs:
+    """A logits processor for Hugging Face generate() that records log μ of each drawn token (the plain path's
+    return_logprobs). Custom processors run before generate's own warpers, so it applies them itself; at step t
+    it reads the token drawn at t - 1, and finish() reads the last one. Memory: one (B, V) block."""
+
+    def __init__(self, temperature, top_p):
+        self.temperature, self.top_p, self.steps, self.last = temperature, top_p, [], None
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:
+            self.steps.append(self.last.gather(1, input_ids[:, -1:])[:, 0])
+        self.last = torch.log_softmax(sampling_logits(scores.float(), self.temperature, self.top_p), -1)
+        return scores
+
+    def finish(self, completion_ids):
+        """(B, T) log-probs of the drawn tokens (T = completion_ids.shape[1])."""
+        if completion_ids.shape[1]:
+            self.steps.append(self.last.gather(1, completion_ids[:, -1:])[:, 0])
+        return torch.stack(self.steps, 1) if self.steps else completion_ids.new_zeros(completion_ids.shape, dtype=torch.float)
+
+
 @torch.no_grad()
 def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, temperature=1.0, top_p=1.0,
-                greedy=False, group_size=1, cuda_graphs=None, window_multiple=None, return_logprobs=False):
+                greedy=False, group_size=1, cuda_graphs=None, window_multiple=None, return_logprobs=False, dtype=None):
     """(B, T) completions of left-padded prompts (pad after EOS, T trimmed as generate() trims it), and
-    their (B, T) log-probs under softmax(logits / temperature) if return_logprobs.
+    their (B, T) log-probs log μ under the sampling distribution (temperature, top-p cut) if return_logprobs.
 
     Each of the n prompt rows is sampled group_size times, in consecutive rows (B = n * group_size,
     the order of generate()'s repeat_interleave); the prompt itself goes through the model once.
@@ -229,6 +264,7 @@ def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, tem
     cuda_graphs (default: on for CUDA) replays each decode step as a CUDA graph; a graph needs a
     fixed attention length, so steps attend to the cache in windows of window_multiple slots
     (default 128 with graphs, else 1 = exactly the filled slots), unfilled slots masked out.
+    dtype: of the weight copies, matmuls and attention (default bf16 on CUDA, the weights' own elsewhere).
     """
     check_model(model)
     if max_new_tokens < 1:
@@ -243,7 +279,7 @@ def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, tem
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and P + max_new_tokens > limit:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings={limit}")
-    dtype = torch.bfloat16 if device.type == "cuda" else model.get_input_embeddings().weight.dtype
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else model.get_input_embeddings().weight.dtype)
     check_every = 16 if device.type == "cuda" else 1       # steps between host syncs on "all rows ended?"
     eos_t = torch.tensor(eos, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -260,11 +296,12 @@ def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, tem
             else:
                 window = min(cache_len, -(-(P + t) // m) * m)  # slots 0 .. P+t-1 are filled
                 logits = dec.graphed_step(window) if cuda_graphs else dec.step(window)
-            nxt = sample_tokens(logits, temperature, top_p, greedy)              # (B,)
+            z = sampling_logits(logits, temperature, top_p) if return_logprobs or not greedy else None
+            nxt = logits.argmax(-1) if greedy else sample_tokens(z, 1.0, 1.0, False)  # (B,), as generate() draws
             # a NaN or inf logit makes the drawn token's logit non-finite (argmax picks NaN): O(B) check
             finite &= torch.isfinite(logits.gather(1, nxt[:, None])).all()
             if return_logprobs:
-                logps[:, t] = torch.log_softmax(logits / temperature, -1).gather(1, nxt[:, None])[:, 0]
+                logps[:, t] = torch.log_softmax(z, -1).gather(1, nxt[:, None])[:, 0]
             nxt = nxt * unfinished + pad_id * (1 - unfinished)                   # pad after EOS
             out[:, t] = nxt
             unfinished = unfinished & ~torch.isin(nxt, eos_t)

@@ -63,6 +63,9 @@ class Config:
     top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
     fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
     system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
+    rollout_correction: str = "none"  # weight by ρ = π_old/μ, in {none, token_tis, seq_tis, token_mask, seq_mask}
+    rc_min: float = 0.5  # the masks' lower bound on ρ (IcePop: 0.5), in [0, inf)
+    rc_max: float = 2.0  # C: the TIS cap on ρ and the masks' upper bound (verl: 2, TRL: 3, IcePop: 5), in (0, inf)
     format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf)
     # optimisation
     lr: float = 1e-6  # AdamW learning rate, in (0, inf) (DeepSeekMath: 1e-6)
@@ -282,6 +285,7 @@ def main():
         token_r, kl = token_rewards(rewards, old_logp, ref_logp, mask, cfg.beta)  # (B, T) each
         adv_raw, returns = gae(token_r, values, mask, cfg.gamma, cfg.lam)         # (B, T) each
         advantages = whiten(adv_raw, mask, d)                                     # (B, T)
+        is_w = common.rollout_correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
         t_rollout = time.time() - t0
 
         # 6. policy and critic update: num_minibatches steps of each, every one over a shuffled slice  # [PPO]
@@ -295,6 +299,7 @@ def main():
                 with sync, critic_sync, common.autocast(d.device):  # [PPO] the policy's and the critic's backward
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
+                    logp = common.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], advantages[ix], mask[ix],
                                               cfg.clip_eps)  # [PPO] no ref_logp, no beta
                     (loss * len(ix) / len(mb)).backward()

@@ -61,6 +61,9 @@ class Config:
     top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
     fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
     system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
+    rollout_correction: str = "none"  # weight by ρ = π_old/μ, in {none, token_tis, seq_tis, token_mask, seq_mask}
+    rc_min: float = 0.5  # the masks' lower bound on ρ (IcePop: 0.5), in [0, inf)
+    rc_max: float = 2.0  # C: the TIS cap on ρ and the masks' upper bound (verl: 2, TRL: 3, IcePop: 5), in (0, inf)
     format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf)
     # optimisation
     lr: float = 1e-6  # AdamW learning rate, in (0, inf) (DeepSeekMath: 1e-6)
@@ -176,6 +179,7 @@ def main():
         ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
         kl = ((old_logp - ref_logp) * mask).sum(1) if ref else torch.zeros_like(rewards)  # [RLOO] k1, summed (B,)
         advantages = group_advantages(rewards - cfg.beta * kl, cfg.group_size)  # [RLOO] the KL is in the reward
+        is_w = common.rollout_correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
         t_rollout = time.time() - t0
 
         # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
@@ -188,6 +192,7 @@ def main():
                 with sync, common.autocast(d.device):
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
+                    logp = common.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], advantages[ix], mask[ix],
                                               cfg.clip_eps)  # [RLOO]
                     (loss * len(ix) / len(mb)).backward()

@@ -72,7 +72,7 @@ def prompts():
 
 def plain(m, ids, mask, n, eos=EOS, **kw):
     with common.autocast(DEV):
-        return decoder.hf_generate(m, ids, mask, n, eos, PAD, **kw)
+        return decoder.hf_generate(m, ids, mask, n, eos, PAD, **kw)[0]
 
 
 def test_fast_greedy_equals_generate_for_32_steps(peaked, prompts):

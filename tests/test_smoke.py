@@ -28,8 +28,11 @@ def test_grpo_tiny_runs_and_resumes_exactly(tiny_dir, tmp_path):
     run(["python", "grpo.py", *FAST, "--num_steps=4", "--save_every=2", f"--run_dir={b}", f"--resume={b}"])
     ma, mb = metrics(a), metrics(b)
     for step in (3, 4):
-        for key in ("loss", "reward", "kl", "clip_frac", "response_length", "grad_norm"):
+        for key in ("loss", "reward", "kl", "clip_frac", "response_length", "grad_norm", "mismatch", "mismatch_kl"):
             assert ma[step][key] == mb[step][key], (step, key, ma[step][key], mb[step][key])
+    # every run logs the sampler/trainer mismatch (docs/rollout_correction.md): fp32 on the CPU, rounding only
+    assert all(0 <= ma[s]["mismatch"] < 1e-4 and abs(ma[s]["mismatch_kl"]) < 1e-6 for s in (1, 2, 3, 4))
+    assert "rc_weight" not in ma[4]  # --rollout_correction=none: no weights
     wa = load_file(a / "ckpt-000004" / "model.safetensors")
     wb = load_file(b / "ckpt-000004" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
