@@ -1,0 +1,173 @@
+"""explain.py: the weights it shows are each trainer's gradient (finite differences of the trainer's own loss on a
+synthetic batch), the token states mean what the legend says, and the page, rendered by headless Chromium as a
+reader's browser would, shows one row per trainer with the numbers explain.py computed (CISPO's checked against
+its closed form). The browser test skips without Chromium, except in CI (.ci/run installs it and requires it)."""
+import json
+import os
+import struct
+import sys
+from html.parser import HTMLParser
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import explain
+from conftest import F64, ROOT, cli_error, run, single_process
+
+G, T = 4, 5
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """3 groups of G = 4: right/wrong answers with and without the '####' format (group 3 all wrong: Â = 0),
+    ragged lengths, ratios that cross every trust region, shared token runs for GTPO's conflicts."""
+    g = torch.Generator().manual_seed(0)
+    texts = ["#### 9", "#### 8", "The answer is 9", "#### 9",
+             "#### 5", "#### 4", "#### 5", "no idea",
+             "#### 1", "#### 2", "#### 2", "#### 3"]
+    answers = ["#### 9"] * 4 + ["#### 5"] * 4 + ["#### 7"] * 4
+    lengths = torch.tensor([5, 3, 4, 2, 5, 5, 1, 4, 3, 2, 5, 4])
+    mask = (torch.arange(T)[None] < lengths[:, None]).to(F64)
+    old = -torch.rand(12, T, generator=g, dtype=F64) * 2 * mask
+    new = (old + torch.randn(12, T, generator=g, dtype=F64) * 0.3) * mask
+    ref = (old + torch.randn(12, T, generator=g, dtype=F64) * 0.1) * mask
+    ids = torch.randint(0, 3, (12, T), generator=g) * mask.long()
+    fmt = torch.tensor([1.0 if t.startswith("####") else 0.0 for t in texts])
+    import gsm8k
+    correct = torch.tensor([gsm8k.correctness_reward(t, a) for t, a in zip(texts, answers)])
+    return SimpleNamespace(texts=texts, answers=answers, ids=ids, mask=mask, lengths=lengths,
+                           truncated=lengths == T, old=old, ref=ref, new=new, fmt=fmt, correct=correct,
+                           entropy=torch.rand(12, T, generator=g, dtype=F64) * mask, G=G, max_new_tokens=T,
+                           d=single_process())
+
+
+@pytest.mark.parametrize("module", explain.TRAINERS, ids=lambda m: m.__name__)
+def test_shown_weights_are_the_gradient_of_the_trainer_s_loss(batch, module):
+    name, c = module.__name__, explain.trainer_config(module, tiny=True)
+    t = explain.token_weights(batch, name, c)
+    h = 1e-6
+    checked = 0
+    if name == "cispo":  # its IS weight is a stop-gradient, so the loss value's slope is not its gradient:
+        ratio, adv = torch.exp(batch.new - batch.old), t["adv"][:, None]  # the closed form instead (β = 0)
+        want = torch.clamp(ratio, max=1 + c.clip_eps_high) * adv / batch.mask.sum() * batch.mask
+        torch.testing.assert_close(t["w"], want, atol=1e-15, rtol=1e-12)
+        return
+    for key, beta in (("w", c.beta), ("pg", 0.0)):
+        for i in range(12):
+            for j in range(int(batch.lengths[i])):
+                def J(x):
+                    new = batch.new.clone()
+                    new[i, j] += x
+                    return -explain.LOSSES[name](c, batch, new, batch.old, beta)[0].item()
+                fd = (J(h) - J(-h)) / (2 * h)
+                if abs(fd) < 10:  # a difference across a clip or mask boundary jumps: skip those (none here)
+                    assert t[key][i, j].item() == pytest.approx(fd, abs=1e-7), (key, i, j)
+                    checked += 1
+        assert (t[key] * (1 - batch.mask)).abs().sum() == 0
+    assert checked >= 2 * int(batch.mask.sum()) - 2
+
+
+def test_states_mean_what_the_legend_says(batch):
+    t = explain.token_weights(batch, "grpo", explain.trainer_config(explain.grpo, tiny=True))
+    states = explain.token_states(t, batch.mask)
+    adv, ratio = t["adv"], torch.exp(batch.new - batch.old)
+    clipped = ((adv[:, None] > 0) & (ratio > 1.2)) | ((adv[:, None] < 0) & (ratio < 0.8))
+    real = batch.mask.bool()
+    assert torch.equal(states[8:] == 2, real[8:])  # the all-wrong group: Â = 0, no gradient even at ρ = 1
+    assert torch.equal((states == 1)[:8], (clipped & real)[:8]) and (states == 1).sum() >= 3
+    assert torch.equal(states[~real], torch.zeros(int((~real).sum()), dtype=torch.long))
+    # SAPO's gate and CISPO's capped weight never remove a gradient; GSPO's sequence clip removes whole rows
+    for name in ("sapo", "cispo"):
+        t = explain.token_weights(batch, name, explain.trainer_config(getattr(explain, name), tiny=True))
+        assert (explain.token_states(t, batch.mask) == 1).sum() == 0
+    t = explain.token_weights(batch, "gspo", explain.trainer_config(explain.gspo, tiny=True))
+    s = explain.token_states(t, batch.mask)
+    assert all(len(set(s[i, :int(batch.lengths[i])].tolist())) == 1 for i in range(12))
+
+
+# -----------------------------------------------------------------------------
+# the command and the page, as a browser renders it
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    out = tmp_path_factory.mktemp("explain") / "page.html"
+    p = run([sys.executable, "explain.py", "--tiny", f"--out={out}", "--png=none"], timeout=600)
+    assert "wrote" in p.stdout
+    return out, json.load(open(str(out) + ".json"))
+
+
+class Rows(HTMLParser):
+    """The page's trainer rows: [(trainer, data-row, [(data-w, data-state, text)])]."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.span = [], None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "div" and "row" in a.get("class", "").split():
+            self.rows.append((a["data-trainer"], int(a["data-row"]), []))
+        elif tag == "span" and "tok" in a.get("class", "").split() and self.rows and "data-w" in a:
+            self.span = [float(a["data-w"]), int(a["data-state"]), ""]
+            self.rows[-1][2].append(self.span)
+
+    def handle_data(self, data):
+        if self.span is not None:
+            self.span[2] += data
+
+    def handle_endtag(self, tag):
+        if tag == "span":
+            self.span = None
+
+
+def check_rows(html_text, record):
+    parser = Rows()
+    parser.feed(html_text)
+    names = [m.__name__ for m in explain.TRAINERS]
+    assert [(n, r) for n, r, _ in parser.rows] == [(n, r) for r in record["rows"] for n in names]
+    for name, row, spans in parser.rows:
+        k = record["rows"].index(row)
+        want = record["trainers"][name]
+        assert [w for w, _, _ in spans] == pytest.approx(want["w"][k], rel=1e-8, abs=1e-15), (name, row)
+        assert [s for _, s, _ in spans] == want["state"][k]
+        assert all(text for _, _, text in spans)
+    # CISPO in closed form: w_t = min(ρ_t, 1 + ε_high) Â_i / (tokens of the batch), β = 0, no token loses it
+    cis = record["trainers"]["cispo"]
+    for k, log_rho in enumerate(record["log_rho"]):
+        want = [min(torch.tensor(x, dtype=F64).exp().item(), 1.28) * cis["adv"][k] / cis["num_tokens"] for x in log_rho]
+        assert cis["w"][k] == pytest.approx(want, rel=1e-9, abs=1e-15)
+    return parser.rows
+
+
+def test_the_command_writes_the_page_and_its_numbers(page):
+    out, record = page
+    assert len(record["trainers"]) == 16 and len(record["rows"]) == 4
+    text = open(out, encoding="utf-8").read()
+    assert "<script" not in text and "http://" not in text and "https://" not in text  # self-contained
+    rows = check_rows(text, record)
+    grpo_w = [w for name, _, spans in rows if name == "grpo" for w, _, _ in spans]
+    assert min(grpo_w) < 0 < max(grpo_w)  # right answers pushed up, wrong ones down
+    assert record["trainers"]["gspo"]["removed"] > 0.5  # GSPO's 4e-4 region is left after two steps at lr 2e-4
+
+
+def test_a_browser_renders_the_page(page, tmp_path):
+    if not explain.find_chromium():
+        if os.environ.get("EXPLAIN_BROWSER_REQUIRED"):
+            pytest.fail("EXPLAIN_BROWSER_REQUIRED is set but no Chromium was found (apt-get install chromium)")
+        pytest.skip("no headless Chromium (apt-get install chromium)")
+    out, record = page
+    dom = explain.chromium(["--dump-dom", "file://" + os.path.abspath(out)])  # the DOM after the browser parsed it
+    check_rows(dom, record)
+    png = tmp_path / "page.png"
+    explain.screenshot(str(out), str(png), 1200)
+    head = open(png, "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == (1500, 1200)
+    assert os.path.getsize(png) > 20_000  # a rendered page, not a blank one
+
+
+@pytest.mark.parametrize("argv,words", [(["--show=9"], "--show=9 is more than one group's --group_size=8"),
+                                        (["--png=page.jpg"], "--png='page.jpg': give a path ending in .png")])
+def test_bad_settings_are_one_line(argv, words, capsys, monkeypatch):
+    assert words in cli_error(explain, ["--tiny", *argv], capsys, monkeypatch)
