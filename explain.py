@@ -244,10 +244,11 @@ def make_batch(cfg, d, log=print):
     correct = torch.tensor([gsm8k.correctness_reward(t, a) for t, a in zip(r.texts, r.answers)], dtype=torch.float32)
     log(f"batch: {cfg.prompts} prompt(s) x G={cfg.group_size}, {int(mask.sum())} tokens; after {cfg.steps} GRPO "
         f"step(s) at lr {cfg.lr:g}: mean |log ρ| = {((new - old).abs() * mask).sum().item() / mask.sum().item():.4f}")
-    return SimpleNamespace(tok=tok, r=r, texts=r.texts, answers=r.answers, ids=r.completion_ids, mask=mask,
-                           lengths=r.lengths, truncated=r.truncated, old=old * mask, ref=old * mask, new=new * mask,
-                           entropy=entropy * mask, fmt=fmt, correct=correct, G=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                           d=d, model_path=path)
+    cpu = lambda x: (x * mask).cpu()  # noqa: E731  the losses run on the CPU in float64, whatever the model's device
+    return SimpleNamespace(tok=tok, texts=r.texts, answers=r.answers, ids=r.completion_ids.cpu(), mask=mask.cpu(),
+                           lengths=r.lengths.cpu(), truncated=r.truncated.cpu(), old=cpu(old), ref=cpu(old),
+                           new=cpu(new), entropy=cpu(entropy), fmt=fmt, correct=correct, G=cfg.group_size,
+                           max_new_tokens=cfg.max_new_tokens, d=common.Dist(False, 0, 0, 1, torch.device("cpu"), True))
 
 
 def shown_rows(b, n):
