@@ -173,23 +173,26 @@ def plot(cfg, runs, path):
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    colours = plt.get_cmap("tab20").colors  # 16 trainers: no colour repeats; even ones dashed, to tell pairs apart
     for ax, (title, get) in zip(axes.flat, PANELS):
-        for algo, seed_rows in runs.items():
+        for k, (algo, seed_rows) in enumerate(runs.items()):
             pts = series(seed_rows, get)
             if not pts:
                 continue
             x, m, s = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-            line, = ax.plot(x, m, marker="o" if len(x) < 8 else None, label=algo)
+            line, = ax.plot(x, m, marker="o" if len(x) < 8 else None, label=algo, color=colours[k % 20],
+                            linestyle="--" if k % 2 else "-")
             ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
                             color=line.get_color(), alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right")  # beside the panels, not over one
     n = len(next(iter(runs.values())))
     fig.suptitle(f"tiny default, {n} seed(s): mean and ±1 std over seeds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.91, 1))
     fig.savefig(path, dpi=110)
     return True
 
