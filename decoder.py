@@ -249,7 +249,9 @@ class SamplerLogprobs:
         """(B, T) log-probs of the drawn tokens (T = completion_ids.shape[1])."""
         if completion_ids.shape[1]:
             self.steps.append(self.last.gather(1, completion_ids[:, -1:])[:, 0])
-        return torch.stack(self.steps, 1) if self.steps else completion_ids.new_zeros(completion_ids.shape, dtype=torch.float)
+        if not self.steps:  # no token was drawn
+            return completion_ids.new_zeros(completion_ids.shape, dtype=torch.float)
+        return torch.stack(self.steps, 1)
 
 
 @torch.no_grad()
