@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import fsdp
 import lora
 
 
@@ -146,9 +147,11 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
     """Write run_dir/ckpt-{step} (HF format + trainer state, `extra` values a trainer measured) atomically;
     keep this run's last `keep` checkpoints. At every instant `latest` names a complete checkpoint, and a write that
     fails (a full disk, a read-only dir) stops every rank with one line, its partial copy removed."""
-    if not all(torch.isfinite(p).all() for p in lm.parameters()):  # identical on every rank: all stop together
+    sharded = fsdp.is_sharded(lm)  # --fsdp: weights and AdamW's state gathered whole (every rank), rank 0 writes
+    if not (fsdp.all_finite(lm, d) if sharded else all(torch.isfinite(p).all() for p in lm.parameters())):  # all stop
         raise common.UserError(f"step {step}: the weights are not finite: the update diverged (lower --lr={cfg.lr}); "
                         "not saved, `latest` names the last good checkpoint")
+    whole = (fsdp.state_dict(lm, d), fsdp.optimizer_state(optimizer, d)) if sharded else (None, None)
     final = os.path.join(run_dir, f"ckpt-{step:06d}")
     tmp, old = final + ".tmp", final + ".old"
     run_id = open(os.path.join(run_dir, "run_id")).read().strip()
@@ -171,7 +174,7 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
     _all_wrote(err, d, step, tmp)
     if d.master_process:
         try:
-            _write(tmp, final, old, run_dir, step, lm, tok, optimizer, cfg, d, run_id, extra)
+            _write(tmp, final, old, run_dir, step, lm, tok, optimizer, cfg, d, run_id, extra, *whole)
         except OSError as e:
             err = e
     _all_wrote(err, d, step, tmp)
@@ -186,14 +189,15 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
     return final
 
 
-def _write(tmp, final, old, run_dir, step, lm, tok, optimizer, cfg, d, run_id, extra):
-    """Rank 0's part of a save: weights, tokenizer, trainer state and run_config.json into tmp, then the renames."""
+def _write(tmp, final, old, run_dir, step, lm, tok, optimizer, cfg, d, run_id, extra, weights=None, opt=None):
+    """Rank 0's part of a save: weights, tokenizer, trainer state and run_config.json into tmp, then the renames.
+    weights, opt: the whole state dicts a sharded (--fsdp) run gathered, else None (lm's and optimizer's own)."""
     if lora.has_adapters(lm):
         lora.save(lm, tmp)  # the merged weights as a plain model dir, and the adapter
     else:
-        lm.save_pretrained(tmp)
+        lm.save_pretrained(tmp, state_dict=weights)
     tok.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+    torch.save({"step": step, "optimizer": opt or optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                 "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "run_config.json"), "w") as f:  # written last: tmp is complete
         json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step,
@@ -260,7 +264,7 @@ def load_trainer_state(ckpt, optimizer, d):
     rng_path = os.path.join(ckpt, f"rng_rank{d.rank}.pt")
     rng = _fields(_load(rng_path), {"python": tuple, "numpy": list, "torch": torch.Tensor}, rng_path)
     try:  # a state of another shape: the optimizer's groups, or an RNG state, do not fit
-        optimizer.load_state_dict(state.pop("optimizer"))
+        fsdp.load_optimizer_state(optimizer, state.pop("optimizer"))  # sharded again under --fsdp
         random.setstate(rng["python"])
         np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
         torch.set_rng_state(rng["torch"])

@@ -3,7 +3,7 @@ common.py: the plumbing a trainer's loop calls, in the order it calls it, and no
 needs to diff. The algorithms live in the trainer files.
 
     config          parse_config: a typed dataclass per trainer, --key=value flags, --tiny, --help
-    distributed     setup_distributed, all_reduce_sum, check_replicas (plain python or torchrun)
+    distributed     setup_distributed, wrap (DDP or --fsdp), micro_batch, all_reduce_sum, check_replicas
     loading         model_path, load_tokenizer, load_model, load_policy, reference_model, autocast
     data            load_problems, prompt_indices, tokenize_prompts
     rollout         Rollout (select, cat), rollout, generate, compute_rewards, rollout_metrics
@@ -13,7 +13,7 @@ needs to diff. The algorithms live in the trainer files.
 
 Neighbouring rooms: gsm8k.py (the task and its rewards), tiny.py (the embedded tiny default),
 decoder.py (the fast static-KV-cache rollout), lora.py (LoRA adapters), evaluation.py (held-out accuracy),
-checkpoint.py (checkpoints and run dirs).
+checkpoint.py (checkpoints and run dirs), fsdp.py (--fsdp: sharding with FSDP2).
 """
 import dataclasses
 import datetime
@@ -26,14 +26,16 @@ import random
 import re
 import sys
 import traceback
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import decoder
+import fsdp
 import gsm8k
 import lora
 import tiny
@@ -153,6 +155,8 @@ def parse_config(cls, argv=None, tiny=None):
                                           cfg.batch_prompts // world * cfg.group_size % cfg.num_minibatches):
         raise UserError(f"--batch_prompts={cfg.batch_prompts} must split over the {world} process(es), and each one's "
                         f"completions (x --group_size={cfg.group_size}) into --num_minibatches={cfg.num_minibatches}")
+    if getattr(cfg, "fsdp", False) and (why := fsdp.refusal(cfg, world, run_name(cls))):
+        raise UserError(why)
     if getattr(cfg, "rollout_correction", "").endswith("mask") and not cfg.rc_min < cfg.rc_max:
         raise UserError(f"--rc_min={cfg.rc_min} must be below --rc_max={cfg.rc_max}: tokens with ρ in between are kept")
     if hasattr(cfg, "run_dir") and not cfg.run_dir:  # derived from the file name, as CleanRL's exp_name
@@ -223,7 +227,7 @@ def check_replicas(module, optimizer, d):
         return
     steps = max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0)
     with torch.no_grad():
-        probe = torch.tensor([float(steps)] + [p.double().sum().item() for p in module.parameters()],
+        probe = torch.tensor([float(steps)] + [fsdp.full(p).double().sum().item() for p in module.parameters()],
                              dtype=torch.float64, device=d.device)
     lo, hi = probe.clone(), probe.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
@@ -231,6 +235,23 @@ def check_replicas(module, optimizer, d):
     if not torch.equal(lo, hi):
         raise RuntimeError(f"DDP replicas diverged: optimizer steps {lo[0].item():.0f}..{hi[0].item():.0f}, "
                            f"{int((lo[1:] != hi[1:]).sum())} parameter tensors differ across ranks")
+
+
+def wrap(module, cfg, d):
+    """What the loop's forward goes through: `module` sharded in place (--fsdp), DDP around it (torchrun), or itself."""
+    if getattr(cfg, "fsdp", False):
+        return fsdp.shard(module, d)
+    return DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else module
+
+
+def micro_batch(model, d, last):
+    """One micro-batch's forward and backward: under DDP only the mini-batch's last all-reduces gradients; under
+    --fsdp each reduce-scatters its own (they stay sharded); autocast on CUDA unless FSDP computes in bf16."""
+    stack = ExitStack()
+    if isinstance(model, DDP) and not last:
+        stack.enter_context(model.no_sync())
+    stack.enter_context(autocast(d.device, model))
+    return stack
 
 
 def cleanup_distributed(d):
@@ -249,10 +270,9 @@ def all_reduce_sum(t, d):
 
 def all_gather_objects(obj, d):
     """Every rank's picklable `obj`, in rank order (a one-item list on one process)."""
-    if not d.ddp:
-        return [obj]
-    parts = [None] * d.world_size
-    dist.all_gather_object(parts, obj)
+    parts = [obj] * d.world_size
+    if d.ddp:
+        dist.all_gather_object(parts, obj)
     return parts
 
 
@@ -363,12 +383,13 @@ def reference_model(policy, path, cfg, d):
     if cfg.lora_rank:
         return lora.AdaptersOff(policy)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    return Policy(load_model(path, d.device, dtype), cfg.logprob_chunk).eval().requires_grad_(False)
+    ref = Policy(load_model(path, d.device, dtype), cfg.logprob_chunk).eval().requires_grad_(False)
+    return fsdp.shard(ref, d) if getattr(cfg, "fsdp", False) else ref  # --fsdp: sharded as the policy, 2/N bytes
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights stay fp32); nothing on CPU."""
-    if device.type == "cuda":
+def autocast(device, model=None):
+    """bf16 autocast on CUDA (fp32 master weights stay fp32); none on CPU, nor for a model --fsdp sharded (bf16)."""
+    if device.type == "cuda" and not fsdp.is_sharded(model):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
@@ -494,9 +515,9 @@ def generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, te
     """`group_size` completions per prompt from Hugging Face generate (the readable path), or with fast=True
     decoder.fast_decode (the same sampling from a static-KV-cache loop); in eval mode. logprobs: also record
     log μ, the sampling distribution's log-probs of the drawn tokens (Rollout.sampler_logp)."""
-    was_training = model.training
+    model = fsdp.decode_copy(model)  # --fsdp: the whole network, gathered once per step
+    was_training, eos = model.training, eos_token_ids(model, tok)
     model.eval()
-    eos = eos_token_ids(model, tok)
     ids = prompt_ids.repeat_interleave(group_size, 0)
     mask = prompt_mask.repeat_interleave(group_size, 0)
     if fast:
@@ -604,6 +625,7 @@ class Policy(nn.Module):
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
         """(B, T) log-probs and entropies of completion_ids under softmax(logits / temperature)."""
+        fsdp.release(self.lm)  # --fsdp: the decode copy goes before an update can change the weights
         input_ids = torch.cat([prompt_ids, completion_ids], 1)                 # (B, P+T)
         attn = torch.cat([prompt_mask, completion_mask], 1)
         position_ids = (attn.cumsum(1) - 1).clamp_min(0)                       # left padding
@@ -635,7 +657,7 @@ def batched_logprobs(policy, r, micro_batch_size, temperature):
     logps, ents = [], []
     for s in range(0, r.completion_ids.shape[0], micro_batch_size):
         sl = slice(s, s + micro_batch_size)
-        with autocast(r.prompt_ids.device):
+        with autocast(r.prompt_ids.device, policy):
             lp, ent = policy(r.prompt_ids[sl], r.prompt_mask[sl], r.completion_ids[sl], r.completion_mask[sl],
                              temperature)
         logps.append(lp.float())
@@ -651,7 +673,7 @@ def batched_logprobs(policy, r, micro_batch_size, temperature):
 def accumulate(sums, key, total, count):
     """Add (total, count) into sums[key], for metrics averaged later by reduce_metrics."""
     old = sums.get(key, (0.0, 0.0))
-    sums[key] = (old[0] + float(total), old[1] + float(count))
+    sums[key] = (old[0] + float(fsdp.full(total)), old[1] + float(count))  # a gradient norm under --fsdp: a DTensor
 
 
 class Metrics(dict):

@@ -29,11 +29,9 @@ Departures from the paper, numbered:
 Details: docs/dpo.md
 """
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -73,6 +71,7 @@ class Config:
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
     logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
     lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
+    fsdp: bool = False  # shard weights, gradients and AdamW state over torchrun's processes (FSDP2), not DDP
     # algorithm
     beta: float = 0.1  # [DPO] β: DPO temperature, in (0, inf); the implicit reward is β Δ(y) (paper and TRL: 0.1)
     # evaluation and logging
@@ -143,7 +142,7 @@ def main():
     tok = common.load_tokenizer(path)
     raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
-    policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
+    policy = common.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
     ref = common.reference_model(raw, path, cfg, d)  # [DPO] frozen, and always: the loss is a log-ratio to it
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
@@ -197,10 +196,9 @@ def main():
             w = float(len(mb) > 0)
             micro = (mb if w else pairs.new_zeros(1, 2)).split(max(1, cfg.micro_batch_size // 2))
             for k, ix in enumerate(micro):
-                # only the last micro-batch all-reduces gradients across ranks
-                sync = nullcontext() if (not d.ddp or k == len(micro) - 1) else policy.no_sync()
+                # DDP: only the last micro-batch all-reduces gradients across ranks
                 rows = ix.flatten()  # [DPO] each pair's chosen row, then its rejected row
-                with sync, common.autocast(d.device):
+                with common.micro_batch(policy, d, last=k == len(micro) - 1):
                     logp, ent = policy(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], mask[rows],
                                        cfg.temperature)
                     loss, stats = dpo_loss(logp.float(), ref_logp[rows], mask[rows], cfg.beta, num_pairs)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import common
+import fsdp
 from gsm8k import (SYSTEM_PROMPT, build_prompt, correctness_reward, extract_answer, extract_last_number,
                    format_reward, lenient_correct)
 
@@ -118,6 +119,7 @@ def evaluate(model, tok, problems, d, max_new_tokens, batch_size=64, system_prom
                          "needs temperature > 0 (greedy samples would all be identical)")
     if ks and any(not 1 <= k <= n for k in ks):
         raise ValueError(f"evaluate: every k of pass@k must be in 1..n={n}, got {list(ks)}")
+    model = fsdp.decode_copy(model)  # --fsdp: gathered here, on every rank, even one with no batch below
     was_training = model.training
     model.eval()
     per_batch = max(1, batch_size // n)

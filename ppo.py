@@ -30,11 +30,9 @@ Departures from the paper, numbered:
 Details: docs/ppo.md
 """
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -77,6 +75,7 @@ class Config:
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
     logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
     lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
+    fsdp: bool = False  # shard weights, gradients and AdamW state over torchrun's processes (FSDP2), not DDP
     # algorithm
     clip_eps: float = 0.2  # ε: PPO clip range for the token ratio, in (0, 1)
     beta: float = 0.04  # [PPO] β: k1 KL penalty in the per-token reward, in [0, inf) (0 = no KL, no reference model)
@@ -205,7 +204,7 @@ class Critic(torch.nn.Module):  # [PPO] the value model: a second network, not a
 def rollout_values(critic, r, micro_batch_size):  # [PPO] V_old, as common.batched_logprobs gives π_old
     """(B, T) values of a rollout under `critic`, without grad, in micro-batches, in eval mode."""
     critic.eval()
-    with common.autocast(r.prompt_ids.device):
+    with common.autocast(r.prompt_ids.device, critic):
         v = [critic(r.prompt_ids[s:s + micro_batch_size], r.prompt_mask[s:s + micro_batch_size],
                     r.completion_ids[s:s + micro_batch_size], r.completion_mask[s:s + micro_batch_size]).float()
              for s in range(0, r.completion_ids.shape[0], micro_batch_size)]
@@ -231,17 +230,17 @@ def main():
     tok = common.load_tokenizer(path)
     raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
-    policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
+    policy = common.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
     ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     critic_raw = Critic(common.load_model(path, d.device), cfg.gradient_checkpointing).train()  # [PPO] V, fp32
-    critic = DDP(critic_raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else critic_raw
+    critic = common.wrap(critic_raw, cfg, d)  # [PPO] wrapped as the policy is: DDP, or sharded in place (--fsdp)
     critic_opt = torch.optim.AdamW(critic_raw.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99),
                                    weight_decay=cfg.weight_decay)
     state = common.load_trainer_state(ckpt, optimizer, d) if ckpt else {"step": 0}  # [PPO] and the critic's:
     if ckpt:  # its weights and AdamW state travel in trainer_state.pt (save_checkpoint's `extra`)
-        critic_raw.load_state_dict(state["extra"]["critic"])
-        critic_opt.load_state_dict(state["extra"]["critic_optimizer"])
+        common.fsdp.load_state(critic_raw, state["extra"]["critic"])  # whole in the file, sharded again under --fsdp
+        common.fsdp.load_optimizer_state(critic_opt, state["extra"]["critic_optimizer"])
     start_step = state["step"]
 
     # rewards and logging
@@ -293,10 +292,9 @@ def main():
         for mb in perm.chunk(cfg.num_minibatches):
             micro = mb.split(cfg.micro_batch_size)
             for k, ix in enumerate(micro):
-                # only the last micro-batch all-reduces gradients across ranks
-                sync = nullcontext() if (not d.ddp or k == len(micro) - 1) else policy.no_sync()
-                critic_sync = nullcontext() if (not d.ddp or k == len(micro) - 1) else critic.no_sync()  # [PPO]
-                with sync, critic_sync, common.autocast(d.device):  # [PPO] the policy's and the critic's backward
+                # DDP: only the last micro-batch all-reduces gradients across ranks
+                with common.micro_batch(policy, d, last=k == len(micro) - 1), \
+                        common.micro_batch(critic, d, last=k == len(micro) - 1):  # [PPO] and the critic's backward
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
                     logp = common.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
@@ -338,7 +336,7 @@ def main():
         logger.log(done, metrics)
         if done % cfg.save_every == 0 or done == cfg.num_steps:
             common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d, extra={  # [PPO] + the critic
-                "critic": critic_raw.state_dict(), "critic_optimizer": critic_opt.state_dict()})
+                "critic": common.fsdp.state_dict(critic_raw, d), "critic_optimizer": common.fsdp.optimizer_state(critic_opt, d)})
 
     if start_step < cfg.num_steps:
         log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")

@@ -28,11 +28,9 @@ Departures from the paper, numbered:
 Details: docs/rloo.md
 """
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -75,6 +73,7 @@ class Config:
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
     logprob_chunk: int = 128  # completion tokens per lm_head chunk in the log-prob computation, in [1, inf)
     lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
+    fsdp: bool = False  # shard weights, gradients and AdamW state over torchrun's processes (FSDP2), not DDP
     # algorithm
     clip_eps: float = 0.2  # [RLOO] ε: PPO clip range for the sequence ratio (TRL), in (0, 1)
     beta: float = 0.03  # [RLOO] β: KL penalty in the reward, in [0, inf) (0 = none, no reference model); paper
@@ -141,7 +140,7 @@ def main():
     tok = common.load_tokenizer(path)
     raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
-    policy = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.ddp else raw
+    policy = common.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
     ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
@@ -187,9 +186,8 @@ def main():
         for mb in perm.chunk(cfg.num_minibatches):
             micro = mb.split(cfg.micro_batch_size)
             for k, ix in enumerate(micro):
-                # only the last micro-batch all-reduces gradients across ranks
-                sync = nullcontext() if (not d.ddp or k == len(micro) - 1) else policy.no_sync()
-                with sync, common.autocast(d.device):
+                # DDP: only the last micro-batch all-reduces gradients across ranks
+                with common.micro_batch(policy, d, last=k == len(micro) - 1):
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
                     logp = common.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
