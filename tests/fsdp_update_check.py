@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import torch
 
@@ -47,6 +48,9 @@ def main():
     single, raw = make(), make()
     policy = common.wrap(raw, grpo.Config(fsdp=True), d)
     assert policy is raw and fsdp.is_sharded(raw), "wrap did not shard the policy in place"
+    cuda = torch.device("cuda")  # on CUDA, FSDP's mixed-precision policy computes in bf16: no autocast on top
+    assert isinstance(common.autocast(cuda, raw), nullcontext) and isinstance(common.autocast(cuda, single),
+                                                                              torch.autocast)
     opt_1 = torch.optim.AdamW(single.parameters(), lr=1e-3)
     opt_n = torch.optim.AdamW(raw.parameters(), lr=1e-3)
     report = {}
