@@ -143,3 +143,18 @@ def test_fsdp_refuses_what_it_cannot_shard_in_one_line(capsys, monkeypatch):
     assert "drop --lora_rank" in line
     line = cli_error(dpo, ["--tiny", "--fsdp"], capsys, monkeypatch)
     assert "dpo.py" in line and "unequal numbers of pairs" in line
+
+
+def test_the_predicted_memory_table_in_the_docs_is_the_scripts_output():
+    """docs/fsdp.md's table is what scripts/fsdp_memory.py prints now (so a change to either shows), from exact
+    parameter counts (Qwen2.5-1.5B: 1,543,714,304 parameters, 1.54B as its model card says)."""
+    p = run([sys.executable, "scripts/fsdp_memory.py"])
+    table = [l for l in p.stdout.splitlines() if l.startswith("|")]
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "fsdp.md")).read()
+    assert len(table) == 8 and all(l in doc for l in table), p.stdout
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import fsdp_memory
+    assert fsdp_memory.sizes("Qwen2.5-1.5B")[1] == 1_543_714_304
+    for world in (2, 8):  # sharding divides what is held by the number of ranks; DDP's does not move
+        ddp, sharded = fsdp_memory.predict("Qwen2.5-7B", world, False), fsdp_memory.predict("Qwen2.5-7B", world, True)
+        assert math.isclose(sum(sharded[0].values()) * world, sum(ddp[0].values())) and sharded[3] < ddp[3]
