@@ -155,7 +155,7 @@ def parse_config(cls, argv=None, tiny=None):
                                           cfg.batch_prompts // world * cfg.group_size % cfg.num_minibatches):
         raise UserError(f"--batch_prompts={cfg.batch_prompts} must split over the {world} process(es), and each one's "
                         f"completions (x --group_size={cfg.group_size}) into --num_minibatches={cfg.num_minibatches}")
-    if getattr(cfg, "fsdp", False) and (why := fsdp.refusal(cfg, world, run_name(cls))):
+    if getattr(cfg, "fsdp", False) and (why := fsdp.refusal(cfg, "RANK" in os.environ, run_name(cls))):
         raise UserError(why)
     if getattr(cfg, "rollout_correction", "").endswith("mask") and not cfg.rc_min < cfg.rc_max:
         raise UserError(f"--rc_min={cfg.rc_min} must be below --rc_max={cfg.rc_max}: tokens with ρ in between are kept")

@@ -22,9 +22,10 @@ import torch.nn as nn
 _copies = weakref.WeakKeyDictionary()  # lm -> its gathered decode copy, until the next forward of the policy
 
 
-def refusal(cfg, world, trainer):
-    """The one line refusing --fsdp where it cannot work, else None (common.parse_config raises it)."""
-    why = ("launch with torchrun --nproc_per_node=N (N >= 2)" if world == 1 else
+def refusal(cfg, torchrun, trainer):
+    """The one line refusing --fsdp where it cannot work, else None (common.parse_config raises it). One process
+    under torchrun is allowed: nothing is sharded then, but the path is the same (the GPU check runs it)."""
+    why = ("launch with torchrun --nproc_per_node=N" if not torchrun else
            "drop --lora_rank (LoRA trains a small state already, over a frozen bf16 base)" if cfg.lora_rank else
            "dpo.py's ranks forward unequal numbers of pairs, which a sharded forward cannot: drop --fsdp (DDP)"
            if trainer == "dpo" else None)

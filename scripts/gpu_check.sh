@@ -9,7 +9,8 @@
 #   env      python, torch, transformers, peft versions; the device; nvidia-smi
 #   tests    tests/test_gpu.py: fast rollout vs generate() (greedy, graph replay, EOS and padding, sampled
 #            distribution), chunked log-probs at the 151,936 vocabulary, one step of every trainer (and GRPO with
-#            LoRA) with finite loss and changed weights; each step's time and peak memory go to steps.jsonl
+#            LoRA) with finite loss and changed weights, and one --fsdp step of GRPO under torchrun (1 process);
+#            each step's time and peak memory go to steps.jsonl
 #   bench    bench.py at its real defaults (256 x 300): plain vs fast rollout tokens/s and ratio, fraction of the
 #            decode roofline, log-prob and update MFU, the step's time split, peak memory
 #   memory   the memory predictor's figure next to the measured one, where memory.py exists

@@ -139,6 +139,7 @@ def test_fsdp_refuses_what_it_cannot_shard_in_one_line(capsys, monkeypatch):
     line = cli_error(grpo, ["--tiny", "--fsdp"], capsys, monkeypatch)  # one process: nothing to shard over
     assert "--fsdp" in line and "torchrun --nproc_per_node" in line
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")  # as torchrun sets it; parse_config refuses before any process group starts
     line = cli_error(grpo, ["--tiny", "--fsdp", "--lora_rank=8"], capsys, monkeypatch)
     assert "drop --lora_rank" in line
     line = cli_error(dpo, ["--tiny", "--fsdp"], capsys, monkeypatch)

@@ -186,3 +186,24 @@ def test_one_step_of_every_trainer(name, model_dir, tmp_path, monkeypatch):
             f.write(json.dumps({"trainer": name, "device": str(DEV), "seconds": round(seconds, 1),
                                 "peak_gib": peak and round(peak, 2), "loss": step["loss"],
                                 "settings": sys.argv[1:-1]}) + "\n")
+
+
+def test_one_fsdp_step_under_torchrun(model_dir, tmp_path):
+    """--fsdp's own path on this device, one process under torchrun (nothing is split over one rank, but on CUDA
+    this is FSDP2's bf16 mixed precision instead of autocast, the bf16 decode copy, the fast decoder and its CUDA
+    graphs on that copy, and the whole-state checkpoint): one step trains, and the checkpoint loads as a plain model."""
+    from conftest import run, torchrun
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    run(torchrun(1, "grpo.py", "--tiny", f"--model={model_dir}", "--fsdp", "--num_steps=1", "--batch_prompts=2",
+                 "--eval_every=0", "--eval_problems=2", "--save_every=1", "--micro_batch_size=8",
+                 "--gradient_checkpointing=true", f"--run_dir={run_dir}"), timeout=1200)
+    step = next(r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["step"] == 1)
+    assert step["loss"] is not None and math.isfinite(step["loss"]) and step["grad_norm"] > 0, step
+    lm = common.load_model(str(run_dir / "ckpt-000001"), DEV)
+    assert all(torch.isfinite(p).all() for p in lm.parameters())
+    if os.environ.get("GPU_CHECK_REPORT"):
+        with open(os.environ["GPU_CHECK_REPORT"], "a") as f:
+            f.write(json.dumps({"trainer": "grpo+fsdp", "device": str(DEV), "seconds": round(time.time() - t0, 1),
+                                "loss": step["loss"], "mismatch": step.get("mismatch"),
+                                "settings": "torchrun --nproc_per_node=1 grpo.py --fsdp"}) + "\n")
