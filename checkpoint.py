@@ -237,11 +237,11 @@ def find_checkpoint(path):
     return ckpt
 
 
-def _load(path):
+def _load(path, mmap=False):
     """torch.load of a checkpoint file, on the CPU, weights_only: tensors, numbers, strings, lists and dicts, never
     pickled code (a shared checkpoint must not run anything); a missing, damaged or foreign file is a common.UserError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only met something else than plain data: refused, never run
         if "global" not in str(e).lower():  # not a reference to code: a damaged file
             raise common.UserError(f"{path}: cannot read this checkpoint file ({str(e)[:120]}); resume from another "
@@ -257,7 +257,8 @@ def _load(path):
 def load_trainer_state(ckpt, optimizer, d):
     """Restore optimizer and this rank's RNG state from ckpt; returns the saved state (step, config, extra)."""
     path = os.path.join(ckpt, "trainer_state.pt")
-    state = _fields(_load(path), {"step": int, "optimizer": dict, "world_size": int, "config": dict, "extra": dict}, path)
+    # mmap: every rank reads the whole AdamW state, through one copy in the page cache, not one in memory per rank
+    state = _fields(_load(path, mmap=True), {"step": int, "optimizer": dict, "world_size": int, "config": dict, "extra": dict}, path)
     if state["world_size"] != d.world_size:
         raise common.UserError(f"{ckpt} was written by {state['world_size']} processes; resume it with as many "
                         f"(torchrun --nproc_per_node={state['world_size']}), not {d.world_size}")
