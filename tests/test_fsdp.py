@@ -37,9 +37,11 @@ def assert_same_run(name, a, b):
         assert sorted(a[step]) == sorted(b[step]), (name, step)
         for key, x in a[step].items():
             y = b[step][key]
-            if key.startswith("time") or x is None:
+            if key.startswith("time"):  # wall-clock seconds: the one thing two runs need not share
                 continue
-            if key in SAMPLED or key.startswith(("eval/", "filtered")):
+            if x is None or y is None:  # nothing counted (logged as null): it must be so in both runs
+                assert x is y, (name, step, key, x, y)
+            elif key in SAMPLED or key.startswith(("eval/", "filtered")):
                 assert x == y, (name, step, key, x, y)
             else:
                 assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6), (name, step, key, x, y)
