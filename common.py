@@ -41,6 +41,7 @@ import lora
 import tiny
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+GPU_PATH = False  # memory.py sets it: its fake CPU tensors take CUDA's path (bf16 copies, autocast), as on a GPU
 # -----------------------------------------------------------------------------
 # config: a typed dataclass at the top of each trainer, overridden by --key=value
 
@@ -373,7 +374,7 @@ def load_policy(path, ckpt, cfg, d):
         return Policy(load_model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
     if importlib.util.find_spec("peft") is None:
         raise UserError("--lora_rank needs peft, an optional dependency: pip install peft")
-    base = load_model(path, d.device, torch.bfloat16 if d.device.type == "cuda" else torch.float32)
+    base = load_model(path, d.device, torch.bfloat16 if (d.device.type == "cuda" or GPU_PATH) else torch.float32)
     return Policy(lora.add(base, cfg.lora_rank, ckpt), cfg.logprob_chunk, cfg.gradient_checkpointing)
 
 
@@ -382,15 +383,15 @@ def reference_model(policy, path, cfg, d):
     CPU; with LoRA, the policy's own network with its adapters off (no second copy)."""
     if cfg.lora_rank:
         return lora.AdaptersOff(policy)
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if (d.device.type == "cuda" or GPU_PATH) else torch.float32
     ref = Policy(load_model(path, d.device, dtype), cfg.logprob_chunk).eval().requires_grad_(False)
     return fsdp.shard(ref, d) if getattr(cfg, "fsdp", False) else ref  # --fsdp: sharded as the policy, 2/N bytes
 
 
 def autocast(device, model=None):
     """bf16 autocast on CUDA (fp32 master weights stay fp32); none on CPU, nor for a model --fsdp sharded (bf16)."""
-    if device.type == "cuda" and not fsdp.is_sharded(model):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if (device.type == "cuda" or GPU_PATH) and not fsdp.is_sharded(model):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -522,7 +523,8 @@ def generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, te
     mask = prompt_mask.repeat_interleave(group_size, 0)
     if fast:
         out, mu = decoder.fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
-                                      temperature, top_p, greedy, group_size, return_logprobs=logprobs)
+                                      temperature, top_p, greedy, group_size, return_logprobs=logprobs,
+                                      dtype=torch.bfloat16 if (ids.device.type == "cuda" or GPU_PATH) else None)
     else:
         with autocast(ids.device):
             out, mu = decoder.hf_generate(model, ids, mask, max_new_tokens, eos, tok.pad_token_id, temperature,
@@ -677,8 +679,7 @@ def accumulate(sums, key, total, count):
 
 
 class Metrics(dict):
-    """{name: mean}, NaN where nothing was counted; .diverged: the losses and gradient norms that were counted and
-    are not finite (Logger.log stops the run on them)."""
+    """{name: mean}, NaN where nothing was counted; .diverged: the losses and gradient norms that are not finite."""
     diverged = ()
 
 

@@ -76,7 +76,7 @@ else
   part bench 200 "$PY" bench.py
 fi
 if [ -f memory.py ]; then
-  part memory 120 "$PY" memory.py --compare="$STEPS"
+  part memory 180 "$PY" memory.py --compare="$STEPS"
 else
   echo "=== memory: no memory.py yet (the predictor issue): nothing to compare" | tee -a "$REPORT"
 fi
