@@ -17,7 +17,7 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path, tiny_dir):
                        timeout=1500, env={**os.environ, "OUT": str(tmp_path)})
     report = (tmp_path / "gpu_check.txt").read_text()
     assert p.returncode == 0, report[-4000:]
-    for part in ("env", "tests", "bench"):
+    for part in ("env", "tests", "bench", "memory"):
         assert f"=== {part}: exit 0 in " in report, report[-4000:]
     assert "torch " in report and "device: cpu" in report and "passed" in report
     steps = [json.loads(x) for x in open(tmp_path / "steps.jsonl")]
