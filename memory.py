@@ -68,7 +68,7 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True, max_position_embeddings=512,
                  bos_token_id=None, eos_token_id=None),
 }
-# dense bf16 tensor-core peak (FLOP/s), HBM bandwidth (bytes/s) and memory (GiB), from the vendors' datasheets
+# dense bf16 tensor-core peak (FLOP/s), memory bandwidth (bytes/s) and nominal memory (GB): the vendors' datasheets
 GPUS = {"A100-40GB": (312e12, 1.555e12, 40), "A100-80GB": (312e12, 2.039e12, 80),
         "H100-80GB": (989e12, 3.35e12, 80), "RTX 4090 (24 GB)": (165e12, 1.008e12, 24)}
 MFU, BW = 0.4, 0.6  # assumed: fraction of peak FLOP/s the forward/backward reach, and of bandwidth a decode step does
