@@ -34,9 +34,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import common
-import evaluation
-import gsm8k
+from grpo_family import checkpoint, config, distributed, evaluation, gsm8k, loading, logprobs, logs, rollout
 
 
 @dataclass
@@ -110,10 +108,10 @@ def group_advantages(rewards, group_size):
     std plus an epsilon (1e-4 / 1e-6), which scales Â by sqrt((G-1)/G) and changes the clip-free
     loss value but not which tokens clip.
     """
-    r = rewards.view(-1, group_size)                                          # (prompts, G)
-    mean = r.mean(1, keepdim=True)
-    std = r.std(1, keepdim=True, unbiased=False)
-    adv = torch.where(std > 1e-6, (r - mean) / std.clamp_min(1e-6), torch.zeros_like(r))
+    R = rewards.view(-1, group_size)                                          # (prompts, G)
+    mean = R.mean(1, keepdim=True)
+    std = R.std(1, keepdim=True, unbiased=False)
+    adv = torch.where(std > 1e-6, (R - mean) / std.clamp_min(1e-6), torch.zeros_like(R))
     return adv.view(-1)
 
 
@@ -136,7 +134,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps_low, clip_e
     kl = kl_k3(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)       # (B, T)
     per_token = per_token - beta * kl
     loss = -(per_token * mask).sum() / num_tokens  # [DAPO] token-level (eq. 12): no per-sequence 1/|o_i|
-    with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
+    with torch.no_grad():  # tokens whose gradient the clip removes
         clip_high = (A > 0) & (ratio > 1 + clip_eps_high)  # [DAPO] the upper clip, which clip-higher loosens
         clipped = clip_high | ((A < 0) & (ratio < 1 - clip_eps_low))
         stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
@@ -171,10 +169,10 @@ def gather_kept_groups(pool, batch_prompts, group_size, d):  # [DAPO] every rank
     A key is the group's position in the global prompt stream, so "first" does not depend on the world size.
     """
     cpu = torch.device("cpu")
-    mine = (torch.cat([k.cpu() for k, _, _ in pool]), common.Rollout.cat([x for _, x, _ in pool], cpu),
+    mine = (torch.cat([k.cpu() for k, _, _ in pool]), rollout.Rollout.cat([x for _, x, _ in pool], cpu),
             torch.cat([w.cpu() for _, _, w in pool]))
-    parts = common.all_gather_objects(mine, d)  # every rank's kept groups: token ids only, small
-    keys, r, rewards = torch.cat([p[0] for p in parts]), common.Rollout.cat([p[1] for p in parts], d.device), \
+    parts = distributed.all_gather_objects(mine, d)  # every rank's kept groups: token ids only, small
+    keys, r, rewards = torch.cat([p[0] for p in parts]), rollout.Rollout.cat([p[1] for p in parts], d.device), \
         torch.cat([p[2] for p in parts])
     order = keys.argsort()[:batch_prompts][d.rank::d.world_size]             # group indices, global order
     rows = (order[:, None] * group_size + torch.arange(group_size)).view(-1)
@@ -186,27 +184,27 @@ def gather_kept_groups(pool, batch_prompts, group_size, d):  # [DAPO] every rank
 
 
 def main():
-    cfg = common.parse_config(Config, tiny=TINY)
-    d = common.setup_distributed(cfg)
+    cfg = config.parse(Config, tiny=TINY)
+    d = distributed.setup(cfg)
     B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
-    common.seed_everything(cfg.seed + d.rank)
+    distributed.seed_everything(cfg.seed + d.rank)
 
     # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
-    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
-    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
-    path = common.model_path(cfg.model, d)
-    tok = common.load_tokenizer(path)
-    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
+    ckpt = checkpoint.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = loading.problems(cfg, "train"), loading.problems(cfg, "test")[:cfg.eval_problems]
+    path = loading.model_path(cfg.model, d)
+    tok = loading.tokenizer(path)
+    raw = loading.policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
-    policy = common.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
-    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    policy = distributed.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
+    ref = loading.reference(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
+    start_step = checkpoint.restore(ckpt, optimizer, d)["step"] if ckpt else 0
 
     # rewards and logging
     reward_fns = [(1.0, signed_correctness), (cfg.format_weight, gsm8k.format_reward)]  # [DAPO] ±1 (eq. 7)
-    logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
+    logger = logs.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
     def evaluate():
         return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
@@ -217,7 +215,7 @@ def main():
         log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
         logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
 
-    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=config.run_name(Config))
     for step in pbar:
         t0, sums = time.time(), {}
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -230,14 +228,14 @@ def main():
         for rnd in range(cfg.max_sampling_rounds):
             # 1. prompts: this rank's share of the round's n_round global prompts (slot: a resume redraws them)
             slot = step * cfg.max_sampling_rounds + rnd
-            idx = common.prompt_indices(len(train), slot, cfg.batch_prompts, cfg.seed)[:n_round][d.rank::d.world_size]
+            idx = loading.prompt_indices(len(train), slot, cfg.batch_prompts, cfg.seed)[:n_round][d.rank::d.world_size]
 
             # 2. rollout: G completions per prompt from π_old (the current policy)
-            r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)  # [DAPO] each round
+            r = rollout.sample(raw.lm, tok, [train[i] for i in idx], cfg, d.device)  # [DAPO] each round
 
-            # 3. rewards: ±1 correctness + format + the soft overlong punishment (eq. 13), then the filter
+            # 3. rewards: ±1 correctness + format + the soft overlong punishment (eq. 13), then the filter  # [DAPO]
             penalty = overlong_penalty(r.lengths, cfg.max_new_tokens, cfg.overlong_cache)
-            rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device) + penalty  # (B_round,)
+            rewards = rollout.rewards(r.texts, r.answers, reward_fns).to(d.device) + penalty  # (B_round,)
             correct = torch.tensor([gsm8k.correctness_reward(t, a) for t, a in zip(r.texts, r.answers)])
             metric = correct if cfg.filter_metric == "accuracy" else rewards.cpu()
             keep = keep_groups(metric, cfg.group_size) if cfg.dynamic_sampling else torch.ones(len(idx)).bool()
@@ -245,10 +243,10 @@ def main():
             rows = (kept[:, None] * cfg.group_size + torch.arange(cfg.group_size)).view(-1)
             keys = rnd * cfg.batch_prompts + kept * d.world_size + d.rank        # global stream positions
             pool.append((keys, r.select(rows), rewards[rows.to(d.device)]))
-            common.rollout_metrics(sums, r, rewards, cfg.group_size)  # of all sampled groups, not only the kept
-            common.accumulate(sums, "overlong_penalty", penalty.sum(), len(penalty))
-            common.accumulate(sums, "filtered_groups", (~keep).sum(), len(keep))
-            n_kept += int(common.all_reduce_sum(torch.tensor(len(kept), device=d.device), d))
+            rollout.metrics(sums, r, rewards, cfg.group_size)  # of all sampled groups, not only the kept
+            logs.accumulate(sums, "overlong_penalty", penalty.sum(), len(penalty))
+            logs.accumulate(sums, "filtered_groups", (~keep).sum(), len(keep))
+            n_kept += int(distributed.all_reduce_sum(torch.tensor(len(kept), device=d.device), d))
             n_sampled += n_round
             if n_kept >= cfg.batch_prompts:
                 break
@@ -262,45 +260,45 @@ def main():
         r, rewards = gather_kept_groups(pool, cfg.batch_prompts, cfg.group_size, d)
         mask = r.completion_mask * ~r.truncated[:, None] if cfg.overlong_filter else r.completion_mask  # (B, T)
 
-        # 4. group-relative advantages of the kept groups  # [DAPO] steps 1-3 are above
-        advantages = group_advantages(rewards, cfg.group_size)                    # (B,)
-
-        # 5. old and reference log-probs, fixed for all mini-batches of this step
-        old_logp, entropy = common.batched_logprobs(raw, r, cfg.micro_batch_size, cfg.temperature)
-        ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
-        is_w = common.rollout_correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
+        # 4. old and reference log-probs, fixed for all mini-batches of this step
+        old_logp, entropy = logprobs.batched(raw, r, cfg.micro_batch_size, cfg.temperature)
+        ref_logp = logprobs.batched(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
+        is_w = rollout.correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
         t_rollout = time.time() - t0
+
+        # 5. advantages: each reward against its group's
+        advantages = group_advantages(rewards, cfg.group_size)                    # (B,)
 
         # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
         perm = torch.randperm(B).to(d.device)
         for mb in perm.chunk(cfg.num_minibatches):
-            num_tokens = common.all_reduce_sum(mask[mb].sum().float(), d).clamp_min(1)  # [DAPO] Σ|o_i|, all ranks
+            num_tokens = distributed.all_reduce_sum(mask[mb].sum().float(), d).clamp_min(1)  # [DAPO] Σ|o_i|, all ranks
             micro = mb.split(cfg.micro_batch_size)
             for k, ix in enumerate(micro):
                 # DDP: only the last micro-batch all-reduces gradients across ranks
-                with common.micro_batch(policy, d, last=k == len(micro) - 1):
+                with distributed.micro_batch(policy, d, last=k == len(micro) - 1):
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
-                    logp = common.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
+                    logp = rollout.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
                                               advantages[ix], mask[ix], cfg.clip_eps_low, cfg.clip_eps_high,
                                               cfg.beta, num_tokens)  # [DAPO]
                     (loss * d.world_size).backward()  # [DAPO] DDP averages over ranks; the loss is a sum over them
                 for key, (s, n) in stats.items():
-                    common.accumulate(sums, key, s, n)
-                common.accumulate(sums, "loss", loss.item() * num_tokens.item(), mask[ix].sum())  # [DAPO] per token
+                    logs.accumulate(sums, key, s, n)
+                logs.accumulate(sums, "loss", loss.item() * num_tokens.item(), mask[ix].sum())  # [DAPO] per token
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            common.accumulate(sums, "grad_norm", grad_norm, 1)
+            logs.accumulate(sums, "grad_norm", grad_norm, 1)
 
         # 7. metrics, averaged over ranks
-        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
-        common.accumulate(sums, "sampling_rounds", rnd + 1, 1)  # [DAPO] and the prompts they took
-        common.accumulate(sums, "prompts_sampled", n_sampled, 1)
-        metrics = common.reduce_metrics(sums, d)
+        logs.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
+        logs.accumulate(sums, "sampling_rounds", rnd + 1, 1)  # [DAPO] and the prompts they took
+        logs.accumulate(sums, "prompts_sampled", n_sampled, 1)
+        metrics = logs.reduce(sums, d)
         metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
-        pbar.set_postfix(common.progress(metrics))
+        pbar.set_postfix(logs.progress(metrics))
 
         # 8. periodic held-out eval and checkpoint
         done = step + 1
@@ -310,13 +308,13 @@ def main():
             log(f"step {done}: held-out greedy accuracy {ev['strict']:.3f}")
         logger.log(done, metrics)
         if done % cfg.save_every == 0 or done == cfg.num_steps:
-            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
+            checkpoint.save(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
 
     if start_step < cfg.num_steps:
         log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")
-    common.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
-    common.cleanup_distributed(d)
+    distributed.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
+    distributed.cleanup(d)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

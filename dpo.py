@@ -34,9 +34,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import common
-import evaluation
-import gsm8k
+from grpo_family import checkpoint, config, distributed, evaluation, gsm8k, loading, logprobs, logs, rollout
 
 
 @dataclass
@@ -95,10 +93,10 @@ TINY.update(lr=1e-4)  # [DPO] at grpo.py's 2e-4, 2 steps on ~6 pairs each swing 
 def preference_pairs(rewards, group_size):  # [DPO] replaces group_advantages
     """(P, 2) rows (chosen, rejected): per group of G consecutive rewards, the highest and the lowest, the first
     index among ties; a group whose rewards are all equal (spread < 1e-6, as grpo.py's std) gives no pair."""
-    r = rewards.view(-1, group_size)                                          # (prompts, G)
-    first = torch.arange(len(r), device=r.device) * group_size                # each group's first row
-    pairs = torch.stack([first + r.argmax(1), first + r.argmin(1)], 1)        # [DPO] argmax, argmin: first of ties
-    return pairs[r.max(1).values - r.min(1).values > 1e-6]
+    R = rewards.view(-1, group_size)                                          # (prompts, G)
+    first = torch.arange(len(R), device=R.device) * group_size                # each group's first row
+    pairs = torch.stack([first + R.argmax(1), first + R.argmin(1)], 1)        # [DPO] argmax, argmin: first of ties
+    return pairs[R.max(1).values - R.min(1).values > 1e-6]
 
 
 def kl_k3(logp, ref_logp):
@@ -129,27 +127,27 @@ def dpo_loss(logp, ref_logp, mask, beta, num_pairs):  # [DPO] replaces policy_lo
 
 
 def main():
-    cfg = common.parse_config(Config, tiny=TINY)
-    d = common.setup_distributed(cfg)
+    cfg = config.parse(Config, tiny=TINY)
+    d = distributed.setup(cfg)
     B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
-    common.seed_everything(cfg.seed + d.rank)
+    distributed.seed_everything(cfg.seed + d.rank)
 
     # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
-    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
-    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
-    path = common.model_path(cfg.model, d)
-    tok = common.load_tokenizer(path)
-    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
+    ckpt = checkpoint.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = loading.problems(cfg, "train"), loading.problems(cfg, "test")[:cfg.eval_problems]
+    path = loading.model_path(cfg.model, d)
+    tok = loading.tokenizer(path)
+    raw = loading.policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
-    policy = common.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
-    ref = common.reference_model(raw, path, cfg, d)  # [DPO] frozen, and always: the loss is a log-ratio to it
+    policy = distributed.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
+    ref = loading.reference(raw, path, cfg, d)  # [DPO] frozen, and always: the loss is a log-ratio to it
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
+    start_step = checkpoint.restore(ckpt, optimizer, d)["step"] if ckpt else 0
 
     # rewards and logging
     reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
-    logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
+    logger = logs.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
     def evaluate():
         return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
@@ -160,7 +158,7 @@ def main():
         log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
         logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
 
-    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=config.run_name(Config))
     for step in pbar:
         t0, sums = time.time(), {}
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -168,27 +166,27 @@ def main():
             g["lr"] = lr
 
         # 1. prompts: this rank's share of the step's global prompt batch
-        idx = common.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
+        idx = loading.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
 
         # 2. rollout: G completions per prompt from π_old (the current policy)
-        r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
+        r = rollout.sample(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
         mask = r.completion_mask                                                  # (B, T)
 
-        # 3. rewards and 4. preference pairs  # [DPO] instead of advantages
-        rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
-        pairs = preference_pairs(rewards, cfg.group_size)  # [DPO] (P, 2) rows (chosen, rejected), P <= prompts
+        # 3. rewards: the outcome R_i of each completion
+        rewards = rollout.rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
 
-        # 5. reference log-probs of the pairs' rows, fixed for all mini-batches: no π_old (no ratio)  # [DPO]
+        # 4. and 5. preference pairs instead of advantages, then their rows' reference log-probs (no π_old)  # [DPO]
+        pairs = preference_pairs(rewards, cfg.group_size)  # [DPO] (P, 2) rows (chosen, rejected), P <= prompts
         ref_logp = torch.zeros(mask.shape, device=d.device)  # [DPO] rows in no pair: read by the stand-in only
         if len(pairs):
-            ref_logp[pairs.flatten()] = common.batched_logprobs(ref, r.select(pairs.flatten()), cfg.micro_batch_size,
-                                                                cfg.temperature)[0]
+            ref_logp[pairs.flatten()] = logprobs.batched(ref, r.select(pairs.flatten()), cfg.micro_batch_size,
+                                                         cfg.temperature)[0]
         t_rollout = time.time() - t0
 
         # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the pairs
         perm = pairs[torch.randperm(len(pairs)).to(d.device)]  # [DPO] P may differ between ranks, or be 0
         for mb in perm.tensor_split(cfg.num_minibatches):  # [DPO] as many mini-batches on every rank, whatever its P
-            num_pairs = int(common.all_reduce_sum(torch.tensor(len(mb), device=d.device), d))  # [DPO] of all ranks
+            num_pairs = int(distributed.all_reduce_sum(torch.tensor(len(mb), device=d.device), d))  # [DPO] of all ranks
             if num_pairs == 0:  # [DPO] no rank holds a pair here: every rank skips this optimizer step alike
                 continue
             # [DPO] a rank with no pair here forwards the stand-in pair (row 0, row 0) at weight w = 0: DDP's
@@ -198,27 +196,27 @@ def main():
             for k, ix in enumerate(micro):
                 # DDP: only the last micro-batch all-reduces gradients across ranks
                 rows = ix.flatten()  # [DPO] each pair's chosen row, then its rejected row
-                with common.micro_batch(policy, d, last=k == len(micro) - 1):
+                with distributed.micro_batch(policy, d, last=k == len(micro) - 1):
                     logp, ent = policy(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], mask[rows],
                                        cfg.temperature)
                     loss, stats = dpo_loss(logp.float(), ref_logp[rows], mask[rows], cfg.beta, num_pairs)
                     (loss * d.world_size * w).backward()  # [DPO] DDP averages over ranks; the loss is a sum over them
                 for key, (s, n) in stats.items():
-                    common.accumulate(sums, key, s * w, n * w)  # [DPO] the stand-in adds nothing
-                common.accumulate(sums, "entropy", (ent * mask[rows]).sum() * w, mask[rows].sum() * w)
-                common.accumulate(sums, "loss", loss.item() * num_pairs * w, len(ix) * w)  # per pair
+                    logs.accumulate(sums, key, s * w, n * w)  # [DPO] the stand-in adds nothing
+                logs.accumulate(sums, "entropy", (ent * mask[rows]).sum() * w, mask[rows].sum() * w)
+                logs.accumulate(sums, "loss", loss.item() * num_pairs * w, len(ix) * w)  # per pair
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            common.accumulate(sums, "grad_norm", grad_norm, 1)
+            logs.accumulate(sums, "grad_norm", grad_norm, 1)
 
         # 7. metrics, averaged over ranks
-        common.rollout_metrics(sums, r, rewards, cfg.group_size)
-        common.accumulate(sums, "pairs_per_prompt", len(pairs), B // cfg.group_size)  # [DPO] and their reward margin
-        common.accumulate(sums, "pair_reward_margin", (rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).sum(), len(pairs))
-        metrics = common.reduce_metrics(sums, d)
+        rollout.metrics(sums, r, rewards, cfg.group_size)
+        logs.accumulate(sums, "pairs_per_prompt", len(pairs), B // cfg.group_size)  # [DPO] and their reward margin
+        logs.accumulate(sums, "pair_reward_margin", (rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).sum(), len(pairs))
+        metrics = logs.reduce(sums, d)
         metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
-        pbar.set_postfix(common.progress(metrics))
+        pbar.set_postfix(logs.progress(metrics))
 
         # 8. periodic held-out eval and checkpoint
         done = step + 1
@@ -228,13 +226,13 @@ def main():
             log(f"step {done}: held-out greedy accuracy {ev['strict']:.3f}")
         logger.log(done, metrics)
         if done % cfg.save_every == 0 or done == cfg.num_steps:
-            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
+            checkpoint.save(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
 
     if start_step < cfg.num_steps:
         log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")
-    common.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
-    common.cleanup_distributed(d)
+    distributed.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
+    distributed.cleanup(d)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

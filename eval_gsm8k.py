@@ -34,10 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-import common
-import evaluation
-import gsm8k
-import tiny
+from grpo_family import config, distributed, evaluation, gsm8k, loading, logs, tiny
 
 
 @dataclass
@@ -68,24 +65,26 @@ TINY = dict(model="tiny", data_path="tiny", max_new_tokens=32, system_prompt="",
 def check_config(cfg):
     """Raise on settings that would evaluate nothing or make no sense, before anything is loaded."""
     if not cfg.model:
-        raise common.UserError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
+        raise config.UserError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
     if cfg.limit == 0 or cfg.limit < -1:
-        raise common.UserError(f"--limit={cfg.limit} evaluates no problems: give a positive number, or -1 for all")
+        raise config.UserError(f"--limit={cfg.limit} evaluates no problems: give a positive number, or -1 for all")
     if cfg.num_samples < 1:
-        raise common.UserError(f"--num_samples={cfg.num_samples}: need at least 1 sample per problem")
+        raise config.UserError(f"--num_samples={cfg.num_samples}: need at least 1 sample per problem")
     if cfg.num_samples > 1 and cfg.temperature <= 0:
-        raise common.UserError(f"--num_samples={cfg.num_samples} needs --temperature > 0 (greedy samples are identical)")
+        raise config.UserError(f"--num_samples={cfg.num_samples} needs --temperature > 0 "
+                               "(greedy samples are identical)")
     if not 0 < cfg.top_p <= 1:
-        raise common.UserError(f"--top_p={cfg.top_p} must be in (0, 1]")
+        raise config.UserError(f"--top_p={cfg.top_p} must be in (0, 1]")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise common.UserError("--batch_size and --max_new_tokens must be positive")
+        raise config.UserError("--batch_size and --max_new_tokens must be positive")
     parse_ks(cfg.ks, cfg.num_samples)
     try:  # the results are written after the whole evaluation: find out now that they can be
         os.makedirs(cfg.out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=cfg.out_dir):
             pass
     except OSError as e:
-        raise common.UserError(f"--out_dir={cfg.out_dir} is not a writable folder ({e.strerror}): pick another") from None
+        raise config.UserError(f"--out_dir={cfg.out_dir} is not a writable folder ({e.strerror}): "
+                               "pick another") from None
 
 
 def parse_ks(text, n):
@@ -95,9 +94,9 @@ def parse_ks(text, n):
     try:
         ks = sorted({int(k) for k in text.split(",")})
     except ValueError:
-        raise common.UserError(f"--ks={text!r} must be comma-separated integers, e.g. --ks=1,4,16") from None
+        raise config.UserError(f"--ks={text!r} must be comma-separated integers, e.g. --ks=1,4,16") from None
     if any(not 1 <= k <= n for k in ks):
-        raise common.UserError(f"--ks={text!r}: every k of pass@k must be in 1..n={n}")
+        raise config.UserError(f"--ks={text!r}: every k of pass@k must be in 1..n={n}")
     return ks
 
 
@@ -129,22 +128,22 @@ def report(metrics, cfg, model_path, source):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv, tiny=TINY)
+    cfg = config.parse(Config, argv, tiny=TINY)
     check_config(cfg)
-    d = common.setup_distributed(cfg)
+    d = distributed.setup(cfg)
     log = print if d.master_process else (lambda *a, **k: None)
-    log("versions:", json.dumps(versions := common.versions()))
-    model_path = common.model_path(cfg.model, d)
+    log("versions:", json.dumps(versions := logs.versions()))
+    model_path = loading.model_path(cfg.model, d)
     problems = load_eval_problems(cfg)
     source = {"tiny": "tiny task", "": gsm8k.GSM8K_HUB}.get(cfg.data_path, cfg.data_path)
-    tok = common.load_tokenizer(model_path)
-    model = common.load_model(model_path, d.device)
+    tok = loading.tokenizer(model_path)
+    model = loading.model(model_path, d.device)
 
     t0 = time.time()
     metrics, records = evaluation.evaluate(model, tok, problems, d, cfg.max_new_tokens, cfg.batch_size,
-                                       cfg.system_prompt, n=cfg.num_samples, temperature=cfg.temperature,
-                                       top_p=cfg.top_p, ks=parse_ks(cfg.ks, cfg.num_samples), seed=cfg.seed,
-                                       progress=True, return_predictions=True, fast=cfg.fast_rollout)
+                                           cfg.system_prompt, n=cfg.num_samples, temperature=cfg.temperature,
+                                           top_p=cfg.top_p, ks=parse_ks(cfg.ks, cfg.num_samples), seed=cfg.seed,
+                                           progress=True, return_predictions=True, fast=cfg.fast_rollout)
     seconds = time.time() - t0
 
     if d.master_process:  # every rank holds all records, merged in problem order; rank 0 writes them
@@ -166,9 +165,9 @@ def main(argv=None):
         log(report(metrics, cfg, model_path, source))
         log(f"wrote {pred_path} ({len(records)} lines) and {summary_path} "
             f"({seconds:.1f}s on {d.world_size} process{'es' if d.world_size > 1 else ''})")
-    common.cleanup_distributed(d)
+    distributed.cleanup(d)
     return metrics
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

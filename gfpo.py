@@ -33,9 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import common
-import evaluation
-import gsm8k
+from grpo_family import checkpoint, config, distributed, evaluation, gsm8k, loading, logprobs, logs, rollout
 
 
 @dataclass
@@ -108,10 +106,10 @@ def group_advantages(rewards, group_size):
     std plus an epsilon (1e-4 / 1e-6), which scales Â by sqrt((G-1)/G) and changes the clip-free
     loss value but not which tokens clip.
     """
-    r = rewards.view(-1, group_size)                                          # (prompts, G)
-    mean = r.mean(1, keepdim=True)
-    std = r.std(1, keepdim=True, unbiased=False)
-    adv = torch.where(std > 1e-6, (r - mean) / std.clamp_min(1e-6), torch.zeros_like(r))
+    R = rewards.view(-1, group_size)                                          # (prompts, G)
+    mean = R.mean(1, keepdim=True)
+    std = R.std(1, keepdim=True, unbiased=False)
+    adv = torch.where(std > 1e-6, (R - mean) / std.clamp_min(1e-6), torch.zeros_like(R))
     return adv.view(-1)
 
 
@@ -161,7 +159,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, num_
     kl = kl_k3(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)       # (B, T)
     per_token = per_token - beta * kl
     loss = -(per_token * mask).sum() / num_tokens  # [GFPO] token-level over S, all micro-batches and ranks
-    with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
+    with torch.no_grad():  # tokens whose gradient the clip removes
         clipped = ((A > 0) & (ratio > 1 + clip_eps)) | ((A < 0) & (ratio < 1 - clip_eps))
         stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
                  "kl": ((kl * mask).sum(), mask.sum()),
@@ -174,34 +172,34 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, num_
 
 
 def main():
-    cfg = common.parse_config(Config, tiny=TINY)
-    d = common.setup_distributed(cfg)
+    cfg = config.parse(Config, tiny=TINY)
+    d = distributed.setup(cfg)
     B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
     given = cfg.difficulty_keep if cfg.adaptive_difficulty else str(cfg.keep)  # [GFPO] one k, or four per bucket
     keeps = [int(k) if k.strip().isdigit() else 0 for k in given.split(",")]
     if len(keeps) != (4 if cfg.adaptive_difficulty else 1) or not all(2 <= k <= cfg.group_size for k in keeps) \
             or B // cfg.group_size * min(keeps) < cfg.num_minibatches:
-        raise common.UserError(f"--keep / --difficulty_keep={given}: one k, or 4 (easy, medium, hard, very hard), each "
+        raise config.UserError(f"--keep / --difficulty_keep={given}: one k, or 4 (easy, medium, hard, very hard), each "
                                f"in 2..group_size={cfg.group_size}, and >= num_minibatches retained per rank")  # [GFPO]
     history, warned = [], False  # [GFPO] adaptive difficulty: recent per-prompt mean rewards of all ranks
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
-    common.seed_everything(cfg.seed + d.rank)
+    distributed.seed_everything(cfg.seed + d.rank)
 
     # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
-    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
-    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
-    path = common.model_path(cfg.model, d)
-    tok = common.load_tokenizer(path)
-    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
+    ckpt = checkpoint.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = loading.problems(cfg, "train"), loading.problems(cfg, "test")[:cfg.eval_problems]
+    path = loading.model_path(cfg.model, d)
+    tok = loading.tokenizer(path)
+    raw = loading.policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
-    policy = common.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
-    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    policy = distributed.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
+    ref = loading.reference(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    start_step = common.load_trainer_state(ckpt, optimizer, d)["step"] if ckpt else 0
+    start_step = checkpoint.restore(ckpt, optimizer, d)["step"] if ckpt else 0
 
     # rewards and logging
     reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
-    logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
+    logger = logs.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
     def evaluate():
         return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
@@ -212,7 +210,7 @@ def main():
         log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
         logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
 
-    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=config.run_name(Config))
     for step in pbar:
         t0, sums = time.time(), {}
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -220,63 +218,65 @@ def main():
             g["lr"] = lr
 
         # 1. prompts: this rank's share of the step's global prompt batch
-        idx = common.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
+        idx = loading.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
 
         # 2. rollout: G completions per prompt from π_old (the current policy)
-        r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
+        r = rollout.sample(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
         mask = r.completion_mask                                                  # (B, T)
 
-        # 3. rewards and 4. group-relative advantages
-        rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
-        keep = cfg.keep  # [GFPO] 4a. k, or one k per prompt from its difficulty against every rank's history
-        if cfg.adaptive_difficulty:
-            mean_rewards = rewards.view(-1, cfg.group_size).mean(1)              # (prompts,)
-            history = (history + sum(common.all_gather_objects(mean_rewards.tolist(), d), []))[-cfg.difficulty_window:]
-            keep = torch.tensor(keeps)[difficulty_buckets(mean_rewards, history)]
-        retained = retain_mask(rewards, r.lengths, keep, cfg.group_size, cfg.filter_metric)  # [GFPO] 4b. (B,)
-        advantages = filtered_advantages(rewards, retained, cfg.group_size)   # [GFPO] (B,), 0 when rejected
+        # 3. rewards: the outcome R_i of each completion
+        rewards = rollout.rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
 
-        # 5. old and reference log-probs, fixed for all mini-batches of this step
-        old_logp, entropy = common.batched_logprobs(raw, r, cfg.micro_batch_size, cfg.temperature)
-        ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
-        is_w = common.rollout_correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
+        # 4. old and reference log-probs, fixed for all mini-batches of this step
+        old_logp, entropy = logprobs.batched(raw, r, cfg.micro_batch_size, cfg.temperature)
+        ref_logp = logprobs.batched(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
+        is_w = rollout.correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
         t_rollout = time.time() - t0
+
+        # 5. advantages: each reward against its group's
+        keep = cfg.keep  # [GFPO] 5a. k, or one k per prompt from its difficulty against every rank's history
+        if cfg.adaptive_difficulty:
+            means = rewards.view(-1, cfg.group_size).mean(1)                     # (prompts,) mean reward
+            history = (history + sum(distributed.all_gather_objects(means.tolist(), d), []))[-cfg.difficulty_window:]
+            keep = torch.tensor(keeps)[difficulty_buckets(means, history)]
+        retained = retain_mask(rewards, r.lengths, keep, cfg.group_size, cfg.filter_metric)  # [GFPO] 5b. (B,)
+        advantages = filtered_advantages(rewards, retained, cfg.group_size)   # [GFPO] (B,), 0 when rejected
 
         # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
         kept = retained.nonzero()[:, 0]  # [GFPO] train on S only: at most k completions per prompt
         perm = kept[torch.randperm(len(kept)).to(d.device)]
         for mb in perm.tensor_split(cfg.num_minibatches):  # [GFPO] as many steps on every rank, whatever its k
-            num_tokens = common.all_reduce_sum(mask[mb].sum().float(), d)  # [GFPO] Σ_{i∈S}|o_i|, all ranks
+            num_tokens = distributed.all_reduce_sum(mask[mb].sum().float(), d)  # [GFPO] Σ_{i∈S}|o_i|, all ranks
             micro = mb.split(cfg.micro_batch_size)
             for k, ix in enumerate(micro):
                 # DDP: only the last micro-batch all-reduces gradients across ranks
-                with common.micro_batch(policy, d, last=k == len(micro) - 1):
+                with distributed.micro_batch(policy, d, last=k == len(micro) - 1):
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
-                    logp = common.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
+                    logp = rollout.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
                                               advantages[ix], mask[ix], cfg.clip_eps, cfg.beta, num_tokens)
                     (loss * d.world_size).backward()  # [GFPO] DDP averages over ranks; the loss is a sum over them
                 for key, (s, n) in stats.items():
-                    common.accumulate(sums, key, s, n)
-                common.accumulate(sums, "loss", loss.item(), len(ix) / len(mb) / d.world_size)  # [GFPO]
+                    logs.accumulate(sums, key, s, n)
+                logs.accumulate(sums, "loss", loss.item(), len(ix) / len(mb) / d.world_size)  # [GFPO]
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            common.accumulate(sums, "grad_norm", grad_norm, 1)
+            logs.accumulate(sums, "grad_norm", grad_norm, 1)
 
         # 7. metrics, averaged over ranks
-        common.rollout_metrics(sums, r, rewards, cfg.group_size)
-        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
+        rollout.metrics(sums, r, rewards, cfg.group_size)
+        logs.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
         dead = (advantages.view(-1, cfg.group_size) == 0).all(1)  # [GFPO] retained rewards all equal: no gradient
         zeroed = dead & (rewards.view(-1, cfg.group_size).std(1) > 1e-6)  # [GFPO] ... though the group's were not
         for key, s, n in [("response_length_retained", r.lengths[retained].sum(), retained.sum()),  # [GFPO]
                           ("keep", retained.sum(), len(dead)), ("zero_std_retained_groups", dead.sum(), len(dead)),
                           ("filter_zeroed_groups", zeroed.sum(), len(dead))]:
-            common.accumulate(sums, key, s, n)
-        metrics = common.reduce_metrics(sums, d)
+            logs.accumulate(sums, key, s, n)
+        metrics = logs.reduce(sums, d)
         metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
-        pbar.set_postfix(common.progress(metrics))
+        pbar.set_postfix(logs.progress(metrics))
         if metrics["filter_zeroed_groups"] > 0 and not warned:  # [GFPO] said once, then only logged
             warned = True
             log(f"step {step + 1}: the filter left {metrics['filter_zeroed_groups']:.0%} of groups with equal retained "
@@ -290,13 +290,13 @@ def main():
             log(f"step {done}: held-out greedy accuracy {ev['strict']:.3f}")
         logger.log(done, metrics)
         if done % cfg.save_every == 0 or done == cfg.num_steps:
-            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
+            checkpoint.save(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d)
 
     if start_step < cfg.num_steps:
         log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")
-    common.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
-    common.cleanup_distributed(d)
+    distributed.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
+    distributed.cleanup(d)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

@@ -36,9 +36,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import common
-import evaluation
-import gsm8k
+from grpo_family import checkpoint, config, distributed, evaluation, gsm8k, loading, logprobs, logs, rollout
 
 
 @dataclass
@@ -115,10 +113,10 @@ def group_advantages(rewards, group_size, scale=True):  # [GTPO] scale=False: th
     std plus an epsilon (1e-4 / 1e-6), which scales Â by sqrt((G-1)/G) and changes the clip-free
     loss value but not which tokens clip.
     """
-    r = rewards.view(-1, group_size)                                          # (prompts, G)
-    mean = r.mean(1, keepdim=True)
-    std = r.std(1, keepdim=True, unbiased=False)
-    adv = torch.where(std > 1e-6, (r - mean) / (std.clamp_min(1e-6) if scale else 1), torch.zeros_like(r))  # [GTPO]
+    R = rewards.view(-1, group_size)                                          # (prompts, G)
+    mean = R.mean(1, keepdim=True)
+    std = R.std(1, keepdim=True, unbiased=False)
+    adv = torch.where(std > 1e-6, (R - mean) / (std.clamp_min(1e-6) if scale else 1), torch.zeros_like(R))  # [GTPO]
     return adv.view(-1)
 
 
@@ -191,7 +189,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, lam,
     per_token = per_token - beta * kl
     per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)            # (B,)
     loss = -per_seq.mean()
-    with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
+    with torch.no_grad():  # tokens whose gradient the clip removes
         clipped = ((A > 0) & (ratio > 1 + hi)) | ((A < 0) & (ratio < 1 - lo))  # [GTPO]
         stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
                  "kl": ((kl * mask).sum(), mask.sum()),
@@ -204,29 +202,29 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta, lam,
 
 
 def main():
-    cfg = common.parse_config(Config, tiny=TINY)
-    d = common.setup_distributed(cfg)
+    cfg = config.parse(Config, tiny=TINY)
+    d = distributed.setup(cfg)
     B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
-    common.seed_everything(cfg.seed + d.rank)
+    distributed.seed_everything(cfg.seed + d.rank)
 
     # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer
-    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
-    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
-    path = common.model_path(cfg.model, d)
-    tok = common.load_tokenizer(path)
-    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
+    ckpt = checkpoint.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = loading.problems(cfg, "train"), loading.problems(cfg, "test")[:cfg.eval_problems]
+    path = loading.model_path(cfg.model, d)
+    tok = loading.tokenizer(path)
+    raw = loading.policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
-    policy = common.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
-    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    policy = distributed.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
+    ref = loading.reference(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    state = common.load_trainer_state(ckpt, optimizer, d) if ckpt else {"step": 0, "extra": {}}  # [GTPO]
+    state = checkpoint.restore(ckpt, optimizer, d) if ckpt else {"step": 0, "extra": {}}  # [GTPO]
     start_step, extra = state["step"], state["extra"]  # [GTPO] ⟨H⟩_ini and the ⟨H⟩_i seen so far survive a resume
-    h_ini, ent_history = extra.get("ent_initial", cfg.ent_initial), extra.get("ent_history", [])
+    h_ini, h_seen = extra.get("ent_initial", cfg.ent_initial), extra.get("ent_history", [])
 
     # rewards and logging
     reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
-    logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
+    logger = logs.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
     def evaluate():
         return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
@@ -237,7 +235,7 @@ def main():
         log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
         logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
 
-    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=config.run_name(Config))
     for step in pbar:
         t0, sums = time.time(), {}
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -245,30 +243,32 @@ def main():
             g["lr"] = lr
 
         # 1. prompts: this rank's share of the step's global prompt batch
-        idx = common.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
+        idx = loading.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
 
         # 2. rollout: G completions per prompt from π_old (the current policy)
-        r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
+        r = rollout.sample(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
         mask = r.completion_mask                                                  # (B, T)
 
-        # 3. rewards and 4. group-relative advantages
-        rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
-        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_adv)     # [GTPO] (B,)
+        # 3. rewards: the outcome R_i of each completion
+        rewards = rollout.rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
 
-        # 5. old and reference log-probs, fixed for all mini-batches of this step
-        old_logp, entropy = common.batched_logprobs(raw, r, cfg.micro_batch_size, cfg.temperature)
-        ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
+        # 4. old and reference log-probs, fixed for all mini-batches of this step
+        old_logp, entropy = logprobs.batched(raw, r, cfg.micro_batch_size, cfg.temperature)
+        ref_logp = logprobs.batched(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
+        is_w = rollout.correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
+        t_rollout = time.time() - t0
+
+        # 5. advantages: each reward against its group's
+        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_adv)     # [GTPO] (B,)
         # [GTPO] 5b. λ from the signs of A (before filtering, as the official code), then δ and A' = δ(A - γ⟨H⟩)
         lam, fwd, bwd = conflict_weights(r.completion_ids, mask, advantages, cfg.group_size, cfg.conflict_weight)
         seq_ent = (entropy * mask).sum(1) / mask.sum(1)                          # ⟨H⟩_i of π_old (B,)
         if h_ini < 0:  # the first rollout batch of the run: the initial model's ⟨H⟩, over all ranks
-            h_ini = common.reduce_metrics({"h": (seq_ent.sum(), B)}, d)["h"]
+            h_ini = logs.reduce({"h": (seq_ent.sum(), B)}, d)["h"]
             log(f"initial mean entropy ⟨H⟩_ini = {h_ini:.4f} (paper rule filters if < {cfg.ent_threshold:.4f})")
-        ent_history += sum(common.all_gather_objects(seq_ent.tolist(), d), []) if cfg.ent_rule == "percentile" else []
-        threshold = entropy_threshold(cfg.ent_rule, cfg.ent_threshold, h_ini, ent_history, cfg.ent_percentile)
+        h_seen += sum(distributed.all_gather_objects(seq_ent.tolist(), d), []) if cfg.ent_rule == "percentile" else []
+        threshold = entropy_threshold(cfg.ent_rule, cfg.ent_threshold, h_ini, h_seen, cfg.ent_percentile)
         advantages, kept = shaped_advantages(advantages, seq_ent, threshold, cfg.ent_gamma)
-        is_w = common.rollout_correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
-        t_rollout = time.time() - t0
 
         # 6. policy update: num_minibatches optimizer steps, each over a shuffled slice of the rollout
         perm = torch.randperm(B).to(d.device)
@@ -276,32 +276,32 @@ def main():
             micro = mb.split(cfg.micro_batch_size)
             for k, ix in enumerate(micro):
                 # DDP: only the last micro-batch all-reduces gradients across ranks
-                with common.micro_batch(policy, d, last=k == len(micro) - 1):
+                with distributed.micro_batch(policy, d, last=k == len(micro) - 1):
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
-                    logp = common.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
+                    logp = rollout.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
                                               advantages[ix], mask[ix], cfg.clip_eps, cfg.beta, lam[ix],  # [GTPO]
                                               (cfg.gspo_eps_low, cfg.gspo_eps_high) if cfg.gspo_token else None)
                     (loss * len(ix) / len(mb)).backward()
                 for key, (s, n) in stats.items():
-                    common.accumulate(sums, key, s, n)
-                common.accumulate(sums, "loss", loss.item() * len(ix), len(ix))
+                    logs.accumulate(sums, key, s, n)
+                logs.accumulate(sums, "loss", loss.item() * len(ix), len(ix))
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            common.accumulate(sums, "grad_norm", grad_norm, 1)
+            logs.accumulate(sums, "grad_norm", grad_norm, 1)
 
         # 7. metrics, averaged over ranks
-        common.rollout_metrics(sums, r, rewards, cfg.group_size)
-        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
+        rollout.metrics(sums, r, rewards, cfg.group_size)
+        logs.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
         for key, s, n in [("conflict_frac", ((fwd | bwd) & mask.bool()).sum(), mask.sum()),  # [GTPO]
                           ("filtered_frac", (~kept).sum(), B), ("entropy_seq", seq_ent.sum(), B)]:
-            common.accumulate(sums, key, s, n)
-        metrics = common.reduce_metrics(sums, d)
+            logs.accumulate(sums, key, s, n)
+        metrics = logs.reduce(sums, d)
         metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
         metrics.update(ent_initial=h_ini, ent_threshold=min(threshold, 1e9))  # [GTPO] 1e9: no filtering
-        pbar.set_postfix(common.progress(metrics))
+        pbar.set_postfix(logs.progress(metrics))
 
         # 8. periodic held-out eval and checkpoint
         done = step + 1
@@ -311,14 +311,14 @@ def main():
             log(f"step {done}: held-out greedy accuracy {ev['strict']:.3f}")
         logger.log(done, metrics)
         if done % cfg.save_every == 0 or done == cfg.num_steps:
-            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d,
-                                   extra={"ent_initial": h_ini, "ent_history": ent_history})  # [GTPO] for a resume
+            checkpoint.save(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d,
+                            extra={"ent_initial": h_ini, "ent_history": h_seen})  # [GTPO] for a resume
 
     if start_step < cfg.num_steps:
         log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")
-    common.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
-    common.cleanup_distributed(d)
+    distributed.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
+    distributed.cleanup(d)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

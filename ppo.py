@@ -35,9 +35,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import common
-import evaluation
-import gsm8k
+from grpo_family import checkpoint, config, distributed, evaluation, gsm8k, loading, logprobs, logs, rollout
 
 
 @dataclass
@@ -95,7 +93,7 @@ class Config:
 TINY = dict(model="tiny", data_path="tiny", num_steps=40, batch_prompts=16, group_size=8, max_new_tokens=32,
             system_prompt="", lr=2e-4, warmup_steps=0, num_minibatches=2, micro_batch_size=64,
             gradient_checkpointing=False, eval_every=20, eval_problems=200, save_every=20)
-TINY.update(critic_lr=2e-3)  # [PPO] 10x the tiny lr, as the default is 10x lr (1e-2 fit the returns worse: docs/ppo.md)
+TINY.update(critic_lr=2e-3)  # [PPO] 10x the tiny lr, as the default is 10x lr (docs/ppo.md)
 
 
 # -----------------------------------------------------------------------------
@@ -131,7 +129,7 @@ def gae(token_r, values, mask, gamma, lam):  # [PPO] generalised advantage estim
 def masked_mean_var(x, mask, d):  # [PPO] batch statistics over the tokens of every rank: DDP equals one process
     """Mean and population variance of x over the tokens where mask is 1, summed over all ranks (float64)."""
     x, m = x.double(), mask.double()
-    s = common.all_reduce_sum(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]), d)
+    s = distributed.all_reduce_sum(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]), d)
     mean = s[0] / s[2].clamp_min(1)
     return mean, (s[1] / s[2].clamp_min(1) - mean ** 2).clamp_min(0)
 
@@ -158,7 +156,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_eps):  # [PPO] per-token 
     per_token = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
     per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)            # (B,)
     loss = -per_seq.mean()
-    with torch.no_grad():  # tokens whose gradient the clip removes (the min picks the clipped branch)
+    with torch.no_grad():  # tokens whose gradient the clip removes
         clipped = ((A > 0) & (ratio > 1 + clip_eps)) | ((A < 0) & (ratio < 1 - clip_eps))
         stats = {"clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
                  "ratio": ((ratio * mask).sum(), mask.sum())}
@@ -201,10 +199,10 @@ class Critic(torch.nn.Module):  # [PPO] the value model: a second network, not a
 
 
 @torch.no_grad()
-def rollout_values(critic, r, micro_batch_size):  # [PPO] V_old, as common.batched_logprobs gives π_old
+def rollout_values(critic, r, micro_batch_size):  # [PPO] V_old, as logprobs.batched gives π_old
     """(B, T) values of a rollout under `critic`, without grad, in micro-batches, in eval mode."""
     critic.eval()
-    with common.autocast(r.prompt_ids.device, critic):
+    with distributed.autocast(r.prompt_ids.device, critic):
         v = [critic(r.prompt_ids[s:s + micro_batch_size], r.prompt_mask[s:s + micro_batch_size],
                     r.completion_ids[s:s + micro_batch_size], r.completion_mask[s:s + micro_batch_size]).float()
              for s in range(0, r.completion_ids.shape[0], micro_batch_size)]
@@ -217,35 +215,32 @@ def rollout_values(critic, r, micro_batch_size):  # [PPO] V_old, as common.batch
 
 
 def main():
-    cfg = common.parse_config(Config, tiny=TINY)
-    d = common.setup_distributed(cfg)
+    cfg = config.parse(Config, tiny=TINY)
+    d = distributed.setup(cfg)
     B = cfg.batch_prompts // d.world_size * cfg.group_size  # completions per rank per step
     log = tqdm.write if d.master_process else (lambda *a, **k: None)
-    common.seed_everything(cfg.seed + d.rank)
+    distributed.seed_everything(cfg.seed + d.rank)
 
     # run dir, data, then policy (fp32 master weights), reference model, tokenizer, optimizer, critic  # [PPO]
-    ckpt = common.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
-    train, test = common.load_problems(cfg, "train"), common.load_problems(cfg, "test")[:cfg.eval_problems]
-    path = common.model_path(cfg.model, d)
-    tok = common.load_tokenizer(path)
-    raw = common.load_policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
+    ckpt = checkpoint.start_run(cfg, d)  # "" for a fresh run; refuses a reused run_dir or changed settings
+    train, test = loading.problems(cfg, "train"), loading.problems(cfg, "test")[:cfg.eval_problems]
+    path = loading.model_path(cfg.model, d)
+    tok = loading.tokenizer(path)
+    raw = loading.policy(path, ckpt, cfg, d)  # fp32 master weights, or a frozen base + fp32 LoRA adapters
     raw.train()  # `raw` is the unwrapped module: generation and saving use raw.lm
-    policy = common.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
-    ref = common.reference_model(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
+    policy = distributed.wrap(raw, cfg, d)  # DDP around raw, or raw sharded in place (--fsdp); the loss goes through it
+    ref = loading.reference(raw, path, cfg, d) if cfg.beta > 0 else None  # frozen, for the KL term
     optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    critic_raw = Critic(common.load_model(path, d.device), cfg.gradient_checkpointing).train()  # [PPO] V, fp32
-    critic = common.wrap(critic_raw, cfg, d)  # [PPO] wrapped as the policy is: DDP, or sharded in place (--fsdp)
+    critic_raw = Critic(loading.model(path, d.device), cfg.gradient_checkpointing).train()  # [PPO] V, fp32
+    critic = distributed.wrap(critic_raw, cfg, d)  # [PPO] wrapped as the policy is: DDP, or sharded in place (--fsdp)
     critic_opt = torch.optim.AdamW(critic_raw.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99),
                                    weight_decay=cfg.weight_decay)
-    state = common.load_trainer_state(ckpt, optimizer, d) if ckpt else {"step": 0}  # [PPO] and the critic's:
-    if ckpt:  # its weights and AdamW state travel in trainer_state.pt (save_checkpoint's `extra`)
-        common.fsdp.load_state(critic_raw, state["extra"]["critic"])  # whole in the file, sharded again under --fsdp
-        common.fsdp.load_optimizer_state(critic_opt, state["extra"]["critic_optimizer"])
-    start_step = state["step"]
+    saved_with = {"critic": (critic_raw, critic_opt)}  # [PPO] the critic and its AdamW: saved, restored with the policy
+    start_step = checkpoint.restore(ckpt, optimizer, d, saved_with)["step"] if ckpt else 0  # [PPO]
 
     # rewards and logging
     reward_fns = [(1.0, gsm8k.correctness_reward), (cfg.format_weight, gsm8k.format_reward)]
-    logger = common.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
+    logger = logs.Logger(cfg.run_dir, cfg, d.master_process, cfg.wandb_project)
 
     def evaluate():
         return evaluation.evaluate(raw.lm, tok, test, d, cfg.max_new_tokens, system_prompt=cfg.system_prompt,
@@ -256,7 +251,7 @@ def main():
         log(f"held-out greedy accuracy before RL: {ev['strict']:.3f} (lenient {ev['lenient']:.3f}, n={ev['n']})")
         logger.log(0, {f"eval/{k}": v for k, v in ev.items()})
 
-    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=common.run_name(Config))
+    pbar = tqdm(range(start_step, cfg.num_steps), disable=not d.master_process, desc=config.run_name(Config))
     for step in pbar:
         t0, sums = time.time(), {}
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -266,26 +261,26 @@ def main():
             g["lr"] = cfg.critic_lr * lr / cfg.lr
 
         # 1. prompts: this rank's share of the step's global prompt batch
-        idx = common.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
+        idx = loading.prompt_indices(len(train), step, cfg.batch_prompts, cfg.seed)[d.rank::d.world_size]
 
         # 2. rollout: G completions per prompt from π_old (the current policy)
-        r = common.rollout(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
+        r = rollout.sample(raw.lm, tok, [train[i] for i in idx], cfg, d.device)
         mask = r.completion_mask                                                  # (B, T)
 
-        # 3. rewards: the outcome R_i of each completion  # [PPO] the advantages need V_old: step 5
-        rewards = common.compute_rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
+        # 3. rewards: the outcome R_i of each completion
+        rewards = rollout.rewards(r.texts, r.answers, reward_fns).to(d.device)  # (B,)
 
-        # 4. old and reference log-probs and the critic's V_old, fixed for all mini-batches of this step  # [PPO]
-        old_logp, entropy = common.batched_logprobs(raw, r, cfg.micro_batch_size, cfg.temperature)
-        ref_logp = common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
-        values = rollout_values(critic_raw, r, cfg.micro_batch_size)  # [PPO] (B, T)
+        # 4. old and reference log-probs, fixed for all mini-batches of this step
+        old_logp, entropy = logprobs.batched(raw, r, cfg.micro_batch_size, cfg.temperature)
+        ref_logp = logprobs.batched(ref, r, cfg.micro_batch_size, cfg.temperature)[0] if ref else None
+        values = rollout_values(critic_raw, r, cfg.micro_batch_size)  # [PPO] and the critic's V_old (B, T)
+        is_w = rollout.correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
+        t_rollout = time.time() - t0
 
-        # 5. per-token rewards (eq. 2), GAE advantages and returns; Â whitened over every rank's tokens  # [PPO]
+        # 5. advantages: per-token rewards (eq. 2), GAE and returns; Â whitened over every rank's tokens  # [PPO]
         token_r, kl = token_rewards(rewards, old_logp, ref_logp, mask, cfg.beta)  # (B, T) each
         adv_raw, returns = gae(token_r, values, mask, cfg.gamma, cfg.lam)         # (B, T) each
         advantages = whiten(adv_raw, mask, d)                                     # (B, T)
-        is_w = common.rollout_correction(r, old_logp, cfg, sums)  # sampler μ vs π_old: logged; weights or None
-        t_rollout = time.time() - t0
 
         # 6. policy and critic update: num_minibatches steps of each, every one over a shuffled slice  # [PPO]
         perm = torch.randperm(B).to(d.device)
@@ -293,11 +288,11 @@ def main():
             micro = mb.split(cfg.micro_batch_size)
             for k, ix in enumerate(micro):
                 # DDP: only the last micro-batch all-reduces gradients across ranks
-                with common.micro_batch(policy, d, last=k == len(micro) - 1), \
-                        common.micro_batch(critic, d, last=k == len(micro) - 1):  # [PPO] and the critic's backward
+                with distributed.micro_batch(policy, d, last=k == len(micro) - 1), \
+                        distributed.micro_batch(critic, d, last=k == len(micro) - 1):  # [PPO] and the critic's backward
                     logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
-                    logp = common.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
+                    logp = rollout.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], advantages[ix], mask[ix],
                                               cfg.clip_eps)  # [PPO] no ref_logp, no beta
                     (loss * len(ix) / len(mb)).backward()
@@ -305,27 +300,27 @@ def main():
                     v_loss, v_stats = value_loss(v.float(), values[ix], returns[ix], mask[ix], cfg.clip_eps_value)
                     (cfg.vf_coef * v_loss * len(ix) / len(mb)).backward()
                 for key, (s, n) in {**stats, **v_stats}.items():  # [PPO]
-                    common.accumulate(sums, key, s, n)
-                common.accumulate(sums, "loss", loss.item() * len(ix), len(ix))
-                common.accumulate(sums, "value_loss", v_loss.item() * len(ix), len(ix))  # [PPO]
+                    logs.accumulate(sums, key, s, n)
+                logs.accumulate(sums, "loss", loss.item() * len(ix), len(ix))
+                logs.accumulate(sums, "value_loss", v_loss.item() * len(ix), len(ix))  # [PPO]
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             critic_grad_norm = torch.nn.utils.clip_grad_norm_(critic_raw.parameters(), cfg.max_grad_norm)  # [PPO]
             critic_opt.step()
             critic_opt.zero_grad(set_to_none=True)
-            common.accumulate(sums, "grad_norm", grad_norm, 1)
-            common.accumulate(sums, "critic_grad_norm", critic_grad_norm, 1)  # [PPO]
+            logs.accumulate(sums, "grad_norm", grad_norm, 1)
+            logs.accumulate(sums, "critic_grad_norm", critic_grad_norm, 1)  # [PPO]
 
         # 7. metrics, averaged over ranks
-        common.rollout_metrics(sums, r, rewards, cfg.group_size)
-        common.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
+        rollout.metrics(sums, r, rewards, cfg.group_size)
+        logs.accumulate(sums, "entropy", (entropy * mask).sum(), mask.sum())
         for key, x in [("kl", kl), ("advantage_raw", adv_raw), ("value", values), ("return", returns)]:  # [PPO]
-            common.accumulate(sums, key, (x * mask).sum(), mask.sum())  # per token; advantage_raw: before whitening
-        common.accumulate(sums, "explained_variance", explained_variance(values, returns, mask, d), 1)
-        metrics = common.reduce_metrics(sums, d)
+            logs.accumulate(sums, key, (x * mask).sum(), mask.sum())  # per token; advantage_raw: before whitening
+        logs.accumulate(sums, "explained_variance", explained_variance(values, returns, mask, d), 1)
+        metrics = logs.reduce(sums, d)
         metrics.update(lr=lr, time_rollout=t_rollout, time_train=time.time() - t0 - t_rollout)
-        pbar.set_postfix(common.progress(metrics))
+        pbar.set_postfix(logs.progress(metrics))
 
         # 8. periodic held-out eval and checkpoint
         done = step + 1
@@ -335,15 +330,14 @@ def main():
             log(f"step {done}: held-out greedy accuracy {ev['strict']:.3f}")
         logger.log(done, metrics)
         if done % cfg.save_every == 0 or done == cfg.num_steps:
-            common.save_checkpoint(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d, extra={  # [PPO] + the critic
-                "critic": common.fsdp.state_dict(critic_raw, d), "critic_optimizer": common.fsdp.optimizer_state(critic_opt, d)})
+            checkpoint.save(cfg.run_dir, done, raw.lm, tok, optimizer, cfg, d, saved_with)  # [PPO] + the critic
 
     if start_step < cfg.num_steps:
         log(f"held-out greedy accuracy after RL: {metrics['eval/strict']:.3f} (lenient {metrics['eval/lenient']:.3f})")
-    common.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
-    common.check_replicas(critic_raw, critic_opt, d)  # [PPO] the critic too
-    common.cleanup_distributed(d)
+    distributed.check_replicas(raw, optimizer, d)  # DDP: every rank holds the same weights and took the same steps
+    distributed.check_replicas(critic_raw, critic_opt, d)  # [PPO] the critic too
+    distributed.cleanup(d)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-import common
-import gsm8k
-import tiny
+from grpo_family import config, distributed, gsm8k, loading, logs, rollout, tiny
 
 
 @dataclass
@@ -50,20 +48,20 @@ def read_prompt_file(path):
     """[{question, answer or None}] from a text file (one question per line) or a .jsonl file; raise if empty."""
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise common.UserError(f"prompt file {path} does not exist")
+        raise config.UserError(f"prompt file {path} does not exist")
     if not path.endswith(".jsonl"):
         try:
             with open(path, encoding="utf-8") as f:
                 rows = [{"question": line.strip(), "answer": None} for line in f if line.strip()]
         except UnicodeDecodeError as e:  # a binary file, or text in another encoding
-            raise common.UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+            raise config.UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
         if any("\x00" in r["question"] for r in rows):
-            raise common.UserError(f"{path}: holds NUL bytes, so it is not a text file of questions")
+            raise config.UserError(f"{path}: holds NUL bytes, so it is not a text file of questions")
     else:
         rows = []
         for where, row in gsm8k.read_jsonl(path):  # where = 'file:line', 1-based, blank lines counted
             if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-                raise common.UserError(f"{where}: expected a JSON object with a string field 'question'")
+                raise config.UserError(f"{where}: expected a JSON object with a string field 'question'")
             answer = row.get("answer")
             if answer is not None:  # a full GSM8K solution, or just the final number; checked before generating
                 text = answer if isinstance(answer, str) else str(answer)
@@ -72,26 +70,26 @@ def read_prompt_file(path):
                         raise ValueError
                     gsm8k.reference_answer(text)
                 except ValueError:
-                    raise common.UserError(f"{where}: 'answer' {answer!r:.40} is not a number nor a solution ending in "
+                    raise config.UserError(f"{where}: 'answer' {answer!r:.40} is not a number nor a solution ending in "
                                            "'#### <number>'; fix it or leave the field out") from None
                 answer = text if "####" in text else f"#### {text}"
             rows.append({"question": row["question"], "answer": answer})
     if not rows:
-        raise common.UserError(f"prompt file {path} has no prompts (it is empty or only blank lines)")
+        raise config.UserError(f"prompt file {path} has no prompts (it is empty or only blank lines)")
     return rows
 
 
 def load_prompts(cfg):
     """The prompts to sample for: --prompt, else --prompt_file, else the first num_questions test questions."""
     if cfg.prompt and cfg.prompt_file:
-        raise common.UserError("give either --prompt or --prompt_file, not both")
+        raise config.UserError("give either --prompt or --prompt_file, not both")
     if cfg.prompt:
         return [{"question": cfg.prompt, "answer": None}]
     if cfg.prompt_file:
         return read_prompt_file(cfg.prompt_file)
     if cfg.num_questions < 1:
-        raise common.UserError(f"--num_questions={cfg.num_questions} selects no questions: give a positive number, "
-                         "or --prompt / --prompt_file")
+        raise config.UserError(f"--num_questions={cfg.num_questions} selects no questions: give a positive number, "
+                               "or --prompt / --prompt_file")
     rows = tiny.dataset("test") if cfg.data_path == "tiny" else gsm8k.load_gsm8k("test", cfg.data_path)
     return rows[:cfg.num_questions]
 
@@ -107,30 +105,30 @@ def describe(text, answer, format_weight):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv, tiny=TINY)
+    cfg = config.parse(Config, argv, tiny=TINY)
     n = cfg.num_samples
     if n < 1 or (n > 1 and cfg.temperature <= 0):
-        raise common.UserError(f"--num_samples={n}: need at least 1, and more than 1 needs --temperature > 0 "
-                         "(greedy samples are identical)")
+        raise config.UserError(f"--num_samples={n}: need at least 1, and more than 1 needs --temperature > 0 "
+                               "(greedy samples are identical)")
     if not cfg.model:
-        raise common.UserError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
+        raise config.UserError("--model is empty: give a hub name, a local model, checkpoint or run dir, or tiny")
     prompts = load_prompts(cfg)  # prompt errors surface before any model is loaded
-    print("versions:", json.dumps(common.versions()), flush=True)
-    d = common.Dist(False, 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True)
-    model_path = common.model_path(cfg.model, d)
-    tok = common.load_tokenizer(model_path)
-    model = common.load_model(model_path, d.device)
-    common.seed_everything(cfg.seed)
+    print("versions:", json.dumps(logs.versions()), flush=True)
+    d = distributed.Dist(False, 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True)
+    model_path = loading.model_path(cfg.model, d)
+    tok = loading.tokenizer(model_path)
+    model = loading.model(model_path, d.device)
+    distributed.seed_everything(cfg.seed)
     mode = "greedy" if cfg.temperature <= 0 else f"temperature={cfg.temperature}, top_p={cfg.top_p}"
     print(f"model: {model_path}  ({len(prompts)} prompt(s) x {n} completion(s), {mode})")
     per_batch = max(1, cfg.batch_size // n)
     texts = [gsm8k.build_prompt(tok, p["question"], cfg.system_prompt) for p in prompts]
-    common.check_context(model, tok, texts, cfg.max_new_tokens)  # before generating anything
+    rollout.check_context(model, tok, texts, cfg.max_new_tokens)  # before generating anything
     for s in range(0, len(prompts), per_batch):
         batch = prompts[s:s + per_batch]
-        ids, mask = common.tokenize_prompts(tok, texts[s:s + per_batch], d.device)
-        r = common.generate(model, tok, ids, mask, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                            greedy=cfg.temperature <= 0)
+        ids, mask = rollout.tokenize_prompts(tok, texts[s:s + per_batch], d.device)
+        r = rollout.generate(model, tok, ids, mask, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                             greedy=cfg.temperature <= 0)
         for i, p in enumerate(batch):
             ref = f" (reference answer {gsm8k.extract_answer(p['answer'])})" if p["answer"] else ""
             print(f"\n=== prompt {s + i + 1}/{len(prompts)}{ref}")
@@ -143,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

@@ -15,9 +15,7 @@ sys.path.insert(0, ROOT)
 # real GSM8K rows ({train,test}.jsonl) for the tests that need them; those tests skip where the files are absent
 SHARED_GSM8K = os.environ.get("GSM8K_DIR") or os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 
-import common  # noqa: E402
-import gsm8k  # noqa: E402
-import tiny  # noqa: E402
+from grpo_family import config, distributed, gsm8k, loading, logprobs, rollout, tiny
 
 F64 = torch.float64
 
@@ -27,7 +25,7 @@ F64 = torch.float64
 
 def single_process():
     """A Dist for one CPU process."""
-    return common.Dist(False, 0, 0, 1, torch.device("cpu"), True)
+    return distributed.Dist(False, 0, 0, 1, torch.device("cpu"), True)
 
 
 @pytest.fixture(scope="session")
@@ -46,15 +44,16 @@ def run(cmd, timeout=900, env=None):
 
 
 def cli_error(module, argv, capsys, monkeypatch):
-    """`python <module>.py argv` run in process through common.run (as its __main__ does): assert exit
+    """`python <module>.py argv` run in process through config.run (as its __main__ does): assert exit
     status 2 and exactly one stderr line, no traceback; return that line."""
-    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    script = module.__name__.rsplit(".", 1)[-1] + ".py"  # tools.memory runs as .../tools/memory.py
+    monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exc:
-        common.run(module.main)
+        config.run(module.main)
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert exc.value.code == 2, (exc.value.code, err[-3000:])
-    assert len(lines) == 1 and lines[0].startswith(f"{module.__name__}.py: error: "), err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), err[-3000:]
     return lines[0]
 
 
@@ -142,7 +141,7 @@ def assert_finite_differences(dj, new, objective, h=1e-6, tol=1e-8, jump=None):
 def ddp_batch(tok, n=8):
     """Deterministic prompts + completions of different lengths: (prompt ids, mask, completion ids, mask)."""
     rows = tiny.dataset("test")[:n]
-    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, r["question"], "") for r in rows],
+    ids, mask = rollout.tokenize_prompts(tok, [gsm8k.build_prompt(tok, r["question"], "") for r in rows],
                                         torch.device("cpu"))
     comps = [r["answer"] if i % 3 else r["answer"].split("\n")[0] for i, r in enumerate(rows)]
     enc = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in comps]
@@ -157,11 +156,11 @@ def ddp_batch(tok, n=8):
 
 def ddp_setup():
     """(d, batch, base policy, stale old log-probs, ref log-probs) for a DDP check on the tiny model."""
-    d = common.setup_distributed()
+    d = distributed.setup()
     assert d.ddp and d.world_size == 2, "run me with torchrun --nproc_per_node=2"
     path = tiny.ensure_model(d, log=lambda *a: None)
-    batch = ddp_batch(common.load_tokenizer(path))
-    base = common.Policy(common.load_model(path, d.device))
+    batch = ddp_batch(loading.tokenizer(path))
+    base = logprobs.Policy(loading.model(path, d.device))
     with torch.no_grad():
         old_logp, _ = base(*batch)
         old_logp = old_logp + 0.15 * torch.randn(old_logp.shape, generator=torch.Generator().manual_seed(0))
@@ -180,9 +179,9 @@ def ddp_finish(d, base, single, model):
     moved = max((a - b).abs().max().item() for a, b in zip(base.parameters(), model.module.parameters()))
     assert moved > 1e-3, f"the update did nothing (max change {moved})"
     assert worst < 1e-5, f"rank {d.rank}: DDP update differs from single-process update by {worst}"
-    common.check_replicas(model.module, torch.optim.SGD(model.parameters(), lr=0), d)
+    distributed.check_replicas(model.module, torch.optim.SGD(model.parameters(), lr=0), d)
     print(f"rank {d.rank}: DDP update == single-process update (max diff {worst:.2e}, max change {moved:.2e})")
-    common.cleanup_distributed(d)
+    distributed.cleanup(d)
 
 
 # rows 0, 3 and 6 of ddp_batch are one-line answers: rank 0 gets them, rank 1 the long ones
@@ -202,7 +201,7 @@ def ddp_token_mean_check(out_path, make_adv, loss_fn):
     def update(policy, rows, dd, micro, per_rank=False):
         ids, mask, cids, cmask = batch
         local = cmask[rows].sum().float()
-        num_tokens = local if per_rank else common.all_reduce_sum(local.clone(), dd).clamp_min(1)
+        num_tokens = local if per_rank else distributed.all_reduce_sum(local.clone(), dd).clamp_min(1)
         parts = torch.tensor(rows).split(micro)
         for k, ix in enumerate(parts):
             with nullcontext() if (not dd.ddp or k == len(parts) - 1) else policy.no_sync():
@@ -211,7 +210,7 @@ def ddp_token_mean_check(out_path, make_adv, loss_fn):
                 (loss if per_rank else loss * dd.world_size).backward()
         torch.optim.SGD(policy.parameters(), lr=1.0).step()
 
-    update(single, list(range(8)), common.Dist(False, 0, 0, 1, d.device, True), 3)
+    update(single, list(range(8)), distributed.Dist(False, 0, 0, 1, d.device, True), 3)
     update(model, TOKEN_SHARES[d.rank], d, 2)
     update(naive, TOKEN_SHARES[d.rank], d, 2, per_rank=True)
 
@@ -223,7 +222,7 @@ def ddp_token_mean_check(out_path, make_adv, loss_fn):
            "clip_frac": (stats["clip_frac"][0] / stats["clip_frac"][1]).item(),
            "max_change": max_diff(single, base), "ddp_vs_single": max_diff(model.module, single),
            "naive_vs_single": max_diff(naive.module, single)}
-    parts = common.all_gather_objects(res, d)
+    parts = distributed.all_gather_objects(res, d)
     if d.master_process:
         with open(out_path, "w") as f:
             json.dump({**parts[1], **parts[0]}, f, indent=1)

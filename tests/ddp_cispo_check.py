@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_copies, ddp_finish, ddp_setup  # noqa: E402
-import common  # noqa: E402  (conftest put the repository on the path)
+from grpo_family import config, distributed
 import cispo  # noqa: E402
 
 EPS_LOW, EPS_HIGH, BETA = 1.0, 0.28, 0.04
@@ -24,7 +24,7 @@ def update(policy, batch, old_logp, ref_logp, adv, rows, d, micro, naive=False):
     """Step 6 of cispo.main on `rows`, one optimizer step (SGD, lr 1) over micro-batches of `micro` rows."""
     ids, mask, cids, cmask = batch
     local = cmask[rows].sum().float()
-    num_tokens = local if naive else common.all_reduce_sum(local.clone(), d).clamp_min(1)
+    num_tokens = local if naive else distributed.all_reduce_sum(local.clone(), d).clamp_min(1)
     parts = torch.tensor(rows).split(micro)
     for k, ix in enumerate(parts):
         sync = nullcontext() if (not d.ddp or k == len(parts) - 1) else policy.no_sync()
@@ -43,7 +43,7 @@ def main():
     single, model = ddp_copies(base)
     _, naive = ddp_copies(base)
 
-    update(single, batch, old_logp, ref_logp, adv, list(range(8)), common.Dist(False, 0, 0, 1, d.device, True), 3)
+    update(single, batch, old_logp, ref_logp, adv, list(range(8)), distributed.Dist(False, 0, 0, 1, d.device, True), 3)
     update(model, batch, old_logp, ref_logp, adv, SHARES[d.rank], d, 2)
     update(naive, batch, old_logp, ref_logp, adv, SHARES[d.rank], d, 2, naive=True)
 
@@ -56,7 +56,7 @@ def main():
            "capped_frac": (stats["clip_frac"][0] / stats["clip_frac"][1]).item(),
            "max_change": max_diff(single, base), "ddp_vs_single": max_diff(model.module, single),
            "naive_vs_single": max_diff(naive.module, single)}
-    parts = common.all_gather_objects(res, d)
+    parts = distributed.all_gather_objects(res, d)
     if d.master_process:
         with open(out_path, "w") as f:
             json.dump({**parts[1], **parts[0]}, f, indent=1)
@@ -64,4 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo
+    config.run(main)  # leaves through os._exit: no interpreter finalization under gloo

@@ -17,10 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_copies, ddp_finish, single_process  # noqa: E402
-import common  # noqa: E402  (conftest put the repository on the path)
+from grpo_family import config, distributed, gsm8k, loading, logprobs, rollout, tiny
 import dapo  # noqa: E402
-import gsm8k  # noqa: E402
-import tiny  # noqa: E402
 
 G, BATCH_PROMPTS, MICRO, L_MAX, L_CACHE = 4, 4, 3, 24, 6
 # per rank, per group: correctness of the G completions, and the completion length range
@@ -39,7 +37,7 @@ def fake_round(tok, rank):
     """One sampling round of rank `rank`: (keys, Rollout, rewards) of its kept groups, as dapo.main builds."""
     gen = torch.Generator().manual_seed(1000 + rank)
     problems = tiny.dataset("train")[rank * BATCH_PROMPTS:(rank + 1) * BATCH_PROMPTS]
-    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, p["question"], "") for p in problems],
+    ids, mask = rollout.tokenize_prompts(tok, [gsm8k.build_prompt(tok, p["question"], "") for p in problems],
                                         torch.device("cpu"))
     ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
     rows = []
@@ -52,7 +50,7 @@ def fake_round(tok, rank):
     cids = torch.full((len(rows), T), tok.pad_token_id)
     for i, x in enumerate(rows):
         cids[i, :len(x)] = torch.tensor(x)
-    r = common.make_rollout(tok, ids, mask, cids, [tok.eos_token_id])
+    r = rollout.make_rollout(tok, ids, mask, cids, [tok.eos_token_id])
     r.answers = [p["answer"] for p in problems for _ in range(G)]
     correct = torch.tensor(CORRECT[rank], dtype=torch.float).view(-1)
     rewards = 2 * correct - 1 + dapo.overlong_penalty(r.lengths, L_MAX, L_CACHE)
@@ -75,7 +73,7 @@ def update(policy, r, old_logp, advantages, minibatches, d, naive=False):
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
     mask = r.completion_mask
     for mb in minibatches:
-        num_tokens = common.all_reduce_sum(mask[mb].sum().float(), d).clamp_min(1)
+        num_tokens = distributed.all_reduce_sum(mask[mb].sum().float(), d).clamp_min(1)
         micro = mb.split(MICRO)
         for k, ix in enumerate(micro):
             sync = nullcontext() if (not d.ddp or k == len(micro) - 1) else policy.no_sync()
@@ -96,10 +94,10 @@ def update(policy, r, old_logp, advantages, minibatches, d, naive=False):
 
 def main():
     out_path = sys.argv[1]
-    d = common.setup_distributed()
+    d = distributed.setup()
     assert d.ddp and d.world_size == 2, "run me with torchrun --nproc_per_node=2"
     path = tiny.ensure_model(d, log=lambda *a: None)
-    tok = common.load_tokenizer(path)
+    tok = loading.tokenizer(path)
     res = {}
 
     # 1. dynamic sampling: rank 1 kept nothing, yet gets its share
@@ -118,7 +116,7 @@ def main():
     # 2. one DAPO update: DDP on the shares == one process on the whole batch
     # float64: Adam divides by sqrt(v) + 1e-8, which amplifies float32 rounding of near-zero gradients
     # (summed in a different order on 2 ranks) to ~1e-6 after a step; in float64 the match is ~1e-12
-    base = common.Policy(common.load_model(path, d.device, torch.float64))
+    base = logprobs.Policy(loading.model(path, d.device, torch.float64))
     old_logp, full_old_logp = stale_old_logp(base, r), stale_old_logp(base, full)
     adv, full_adv = dapo.group_advantages(rewards, G), dapo.group_advantages(full_rewards, G)
     half = len(r.texts) // 2
@@ -142,7 +140,7 @@ def main():
                                     full.completion_mask.sum())
     res["clip_frac_first_minibatch"] = (stats["clip_frac"][0] / stats["clip_frac"][1]).item()
 
-    parts = common.all_gather_objects(res, d)
+    parts = distributed.all_gather_objects(res, d)
     if d.master_process:
         with open(out_path, "w") as f:
             json.dump({**parts[1], **parts[0]}, f, indent=1)
@@ -150,4 +148,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo
+    config.run(main)  # leaves through os._exit: no interpreter finalization under gloo

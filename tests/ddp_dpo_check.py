@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_copies, ddp_finish, ddp_setup  # noqa: E402
-import common  # noqa: E402  (conftest put the repository on the path)
+from grpo_family import config, distributed
 import dpo  # noqa: E402
 
 ROUNDS = [([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0], 3),  # (rewards of the 8 rows, num_minibatches)
@@ -54,7 +54,7 @@ def main():
         torch.distributed.all_gather(counts, torch.tensor([float(len(pairs))]))
         assert counts[0].item() != counts[1].item(), "the check needs unequal pair counts per rank"
         for mb in pairs.tensor_split(num_minibatches):
-            num_pairs = int(common.all_reduce_sum(torch.tensor(len(mb), device=d.device), d))
+            num_pairs = int(distributed.all_reduce_sum(torch.tensor(len(mb), device=d.device), d))
             if num_pairs == 0:
                 continue
             w = float(len(mb) > 0)
@@ -74,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo
+    config.run(main)  # leaves through os._exit: no interpreter finalization under gloo

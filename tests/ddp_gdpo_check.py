@@ -7,12 +7,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402,F401  (puts the repository on the path)
-import common  # noqa: E402
+from grpo_family import config, distributed
 import gdpo  # noqa: E402
 
 
 def main():
-    d = common.setup_distributed()
+    d = distributed.setup()
     assert d.ddp and d.world_size == 2, "run me with torchrun --nproc_per_node=2"
     g = torch.Generator().manual_seed(0)
     parts = torch.randint(0, 2, (2, 32), generator=g).float()
@@ -24,8 +24,8 @@ def main():
     assert (mine - whole[half]).abs().max() < 1e-5, (mine, whole[half])
     assert (alone - whole[half]).abs().max() > 1e-2  # the check can fail
     print(f"rank {d.rank}: global batch whitening == single process")
-    common.cleanup_distributed(d)
+    distributed.cleanup(d)
 
 
 if __name__ == "__main__":
-    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo
+    config.run(main)  # leaves through os._exit: no interpreter finalization under gloo

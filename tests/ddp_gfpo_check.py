@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_copies, ddp_finish, ddp_setup  # noqa: E402
-import common  # noqa: E402  (conftest put the repository on the path)
+from grpo_family import config, distributed
 import gfpo  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main():
     # DDP, each rank the retained rows of its half, the normaliser all-reduced over ranks
     mine = torch.arange(d.rank * B // 2, (d.rank + 1) * B // 2)
     mine = mine[retained[mine]]
-    num_tokens = common.all_reduce_sum(cmask[mine].sum().float(), d)
+    num_tokens = distributed.all_reduce_sum(cmask[mine].sum().float(), d)
     counts = [torch.zeros(1) for _ in range(2)]
     torch.distributed.all_gather(counts, cmask[mine].sum().float().view(1))
     assert counts[0].item() != counts[1].item(), "the check needs unequal token counts per rank"
@@ -45,4 +45,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo
+    config.run(main)  # leaves through os._exit: no interpreter finalization under gloo

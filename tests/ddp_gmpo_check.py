@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_copies, ddp_finish, ddp_setup  # noqa: E402
-import common  # noqa: E402  (conftest put the repository on the path)
+from grpo_family import config
 import gmpo  # noqa: E402
 
 
@@ -33,4 +33,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo
+    config.run(main)  # leaves through os._exit: no interpreter finalization under gloo

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_token_mean_check  # noqa: E402
-import common  # noqa: E402  (conftest put the repository on the path)
+from grpo_family import config
 import maxrl  # noqa: E402
 
 
@@ -22,4 +22,4 @@ def loss(logp, old, ref, adv, mask, n):
 
 
 if __name__ == "__main__":
-    common.run(lambda: ddp_token_mean_check(sys.argv[1], advantages, loss))  # os._exit: no finalization under gloo
+    config.run(lambda: ddp_token_mean_check(sys.argv[1], advantages, loss))  # os._exit: no finalization under gloo

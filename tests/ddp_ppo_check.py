@@ -8,9 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_copies, ddp_finish, ddp_setup, single_process  # noqa: E402
-import common  # noqa: E402  (conftest put the repository on the path)
+from grpo_family import config, distributed, loading, tiny
 import ppo  # noqa: E402
-import tiny  # noqa: E402
 
 
 def advantages(rewards, old_logp, ref_logp, old_values, cmask, d):
@@ -25,7 +24,7 @@ def main():
     B, one = ids.shape[0], single_process()
     rewards = torch.tensor([1.0, 1.1, 1.0, 1.0, 0.0, 0.1, 0.0, 1.0])  # rank 0's half mostly right, rank 1's wrong
     torch.manual_seed(0)  # the same critic on both ranks
-    base_critic = ppo.Critic(common.load_model(tiny.ensure_model(d, log=lambda *a: None), d.device))
+    base_critic = ppo.Critic(loading.model(tiny.ensure_model(d, log=lambda *a: None), d.device))
     torch.nn.init.normal_(base_critic.head.weight, std=0.3)  # a non-zero head, so the trunk gets gradient too
     with torch.no_grad():
         old_values = base_critic(ids, mask, cids, cmask)
@@ -63,10 +62,10 @@ def main():
                                                            critic.module.body.parameters()))
     assert trunk > 1e-5, f"the critic's trunk did not move ({trunk})"
     assert worst < 1e-5, f"rank {d.rank}: critic DDP update differs from single-process update by {worst}"
-    common.check_replicas(critic.module, torch.optim.SGD(critic.parameters(), lr=0), d)
+    distributed.check_replicas(critic.module, torch.optim.SGD(critic.parameters(), lr=0), d)
     print(f"rank {d.rank} critic: DDP update == single-process update (max diff {worst:.2e}, trunk change {trunk:.2e})")
     ddp_finish(d, base, single, model)
 
 
 if __name__ == "__main__":
-    common.run(main)  # leaves through os._exit: no interpreter finalization under gloo
+    config.run(main)  # leaves through os._exit: no interpreter finalization under gloo

@@ -9,11 +9,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+from grpo_family import config, distributed, logs
 
 
 def main():
-    d = common.setup_distributed()
+    d = distributed.setup()
     assert d.ddp and d.world_size == 2, "run me with torchrun --nproc_per_node=2"
     atexit.register(print, f"rank {d.rank}: interpreter finalization ran", flush=True)
     torch.manual_seed(0)
@@ -23,12 +23,12 @@ def main():
         model(torch.randn(16, 64, generator=torch.Generator().manual_seed(step))).square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        common.reduce_metrics({"loss": (torch.tensor(1.0), torch.tensor(1.0))}, d)
-        common.all_gather_objects({"rank": d.rank, "step": step}, d)
-    common.check_replicas(raw, opt, d)
+        logs.reduce({"loss": (torch.tensor(1.0), torch.tensor(1.0))}, d)
+        distributed.all_gather_objects({"rank": d.rank, "step": step}, d)
+    distributed.check_replicas(raw, opt, d)
     print(f"rank {d.rank}: finished", flush=True)
-    common.cleanup_distributed(d)
+    distributed.cleanup(d)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+from grpo_family import config, distributed
 
 
 def metrics(run_dir):
@@ -22,7 +22,7 @@ def metrics(run_dir):
 
 def main():
     out, names, extra = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
-    d = common.setup_distributed()
+    d = distributed.setup()
     dist.init_process_group = lambda *a, **k: None  # the trainers' setup and teardown reuse this process group
     dist.destroy_process_group = lambda *a, **k: None
     tmp = out
@@ -34,7 +34,7 @@ def main():
             dirs[mode] = os.path.join(tmp, f"{name}-{mode}")
             sys.argv = [f"{name}.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--eval_problems=8",
                         "--eval_every=0", f"--run_dir={dirs[mode]}", f"--fsdp={mode == 'fsdp'}", *extra]
-            trainer.main()  # ends with common.check_replicas: both ranks agree on the (whole) weights and steps
+            trainer.main()  # ends with distributed.check_replicas: both ranks agree on the (whole) weights and steps
         if d.master_process:
             a, b = (load_file(os.path.join(dirs[m], "ckpt-000002", "model.safetensors")) for m in ("ddp", "fsdp"))
             assert sorted(a) == sorted(b), (name, sorted(set(a) ^ set(b)))
@@ -53,4 +53,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

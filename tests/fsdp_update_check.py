@@ -14,8 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ddp_setup  # noqa: E402
-import common  # noqa: E402  (conftest put the repository on the path)
-import fsdp  # noqa: E402
+from grpo_family import config, distributed, fsdp, loading, logprobs, rollout
 import grpo  # noqa: E402
 
 CLIP = 0.5  # low enough that clipping acts: the norm is computed over shards, then reduced
@@ -26,7 +25,7 @@ def update(policy, raw, optimizer, batch, rows, old_logp, ref_logp, adv, d):
     ids, mask, cids, cmask = batch
     micro = rows.split(len(rows) // 2)
     for k, ix in enumerate(micro):
-        with common.micro_batch(policy, d, last=k == len(micro) - 1):
+        with distributed.micro_batch(policy, d, last=k == len(micro) - 1):
             logp, _ = policy(ids[ix], mask[ix], cids[ix], cmask[ix])
             loss = grpo.policy_loss(logp, old_logp[ix], ref_logp[ix], adv[ix], cmask[ix], 0.2, 0.04)[0]
             (loss * len(ix) / len(rows)).backward()
@@ -44,12 +43,12 @@ def main():
     d, batch, base, old_logp, ref_logp = ddp_setup()
     adv = grpo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]), 4)
     B, half = batch[0].shape[0], torch.arange(d.rank * 4, d.rank * 4 + 4)
-    make = lambda: common.Policy(copy.deepcopy(base.lm), gradient_checkpointing=True).train()  # noqa: E731
+    make = lambda: logprobs.Policy(copy.deepcopy(base.lm), gradient_checkpointing=True).train()  # noqa: E731
     single, raw = make(), make()
-    policy = common.wrap(raw, grpo.Config(fsdp=True), d)
+    policy = distributed.wrap(raw, grpo.Config(fsdp=True), d)
     assert policy is raw and fsdp.is_sharded(raw), "wrap did not shard the policy in place"
     cuda = torch.device("cuda")  # on CUDA, FSDP's mixed-precision policy computes in bf16: no autocast on top
-    assert isinstance(common.autocast(cuda, raw), nullcontext) and isinstance(common.autocast(cuda, single),
+    assert isinstance(distributed.autocast(cuda, raw), nullcontext) and isinstance(distributed.autocast(cuda, single),
                                                                               torch.autocast)
     opt_1 = torch.optim.AdamW(single.parameters(), lr=1e-3)
     opt_n = torch.optim.AdamW(raw.parameters(), lr=1e-3)
@@ -60,12 +59,12 @@ def main():
     assert not fsdp.is_sharded(copy_) and fsdp.decode_copy(raw.lm) is copy_, "the copy is gathered once, then reused"
     report["decode_copy_diff"] = max((p - single.state_dict()[f"lm.{n}"]).abs().max().item()
                                      for n, p in copy_.state_dict().items())
-    tok = common.load_tokenizer(common.model_path("tiny", d))
+    tok = loading.tokenizer(loading.model_path("tiny", d))
     for greedy in (True, False):
         outs = []
         for m in (single.lm, raw.lm):
             torch.manual_seed(5)
-            outs.append(common.generate(m, tok, batch[0][:2], batch[1][:2], 2, 12, greedy=greedy).completion_ids)
+            outs.append(rollout.generate(m, tok, batch[0][:2], batch[1][:2], 2, 12, greedy=greedy).completion_ids)
         assert torch.equal(*outs), f"rank {d.rank}: the decode copy samples otherwise (greedy={greedy})"
 
     # two updates: single process on the whole batch, each rank on its half (the forward frees the decode copy)
@@ -83,13 +82,13 @@ def main():
     assert report["update_diff"] < 1e-5, f"rank {d.rank}: --fsdp update differs by {report['update_diff']}"
 
     # AdamW's state whole (rank 0), then into a fresh sharded copy of the same weights: the third update is the same
-    state = common.all_gather_objects(fsdp.optimizer_state(opt_n, d), d)[0]  # rank 0's, to every rank
+    state = distributed.all_gather_objects(fsdp.optimizer_state(opt_n, d), d)[0]  # rank 0's, to every rank
     assert all(not isinstance(v, torch.distributed.tensor.DTensor) for s in state["state"].values() for v in s.values())
-    fresh = common.Policy(copy.deepcopy(single.lm), gradient_checkpointing=True).train()
+    fresh = logprobs.Policy(copy.deepcopy(single.lm), gradient_checkpointing=True).train()
     with torch.no_grad():
         for n, p in fresh.named_parameters():
             p.copy_(wn[n])
-    fsdp.shard(fresh, d)
+    fsdp.shard(fresh)
     opt_f = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     fsdp.load_optimizer_state(opt_f, state)
     update(policy, raw, opt_n, batch, half, old_logp, ref_logp, adv, d)
@@ -97,15 +96,15 @@ def main():
     a, b = whole(raw), whole(fresh)
     report["resume_diff"] = max((a[n] - b[n]).abs().max().item() for n in a)
     assert report["resume_diff"] == 0.0, f"rank {d.rank}: the restored optimizer continues otherwise"
-    common.check_replicas(raw, opt_n, d)
+    distributed.check_replicas(raw, opt_n, d)
     print(f"rank {d.rank}: --fsdp update == single-process update (max diff {report['update_diff']:.2e}, max change "
           f"{report['update_size']:.2e}); decode copy == whole weights; restored AdamW state continues exactly",
           flush=True)
     if d.master_process:
         with open(sys.argv[1], "w") as f:
             json.dump(report, f)
-    common.cleanup_distributed(d)
+    distributed.cleanup(d)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

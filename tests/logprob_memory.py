@@ -1,4 +1,4 @@
-"""Peak memory of one log-prob forward + backward, chunked (common.Policy) or through the full logits.
+"""Peak memory of one log-prob forward + backward, chunked (logprobs.Policy) or through the full logits.
 
     python tests/logprob_memory.py MODEL_DIR chunked|full [B] [P] [T] [CHUNK]
 
@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+from grpo_family import loading, logprobs
 
 
 def status_mib(field):
@@ -30,7 +30,7 @@ def main():
     path, mode = sys.argv[1], sys.argv[2]
     B, P, T, chunk = (int(x) for x in sys.argv[3:7]) if len(sys.argv) > 3 else (8, 160, 300, 128)
     torch.manual_seed(0)
-    lm = common.load_model(path, torch.device("cpu")).train()
+    lm = loading.model(path, torch.device("cpu")).train()
     V = lm.config.vocab_size
     prompt, completion = torch.randint(0, V, (B, P)), torch.randint(0, V, (B, T))
     pmask, cmask = torch.ones(B, P, dtype=torch.long), torch.ones(B, T, dtype=torch.long)
@@ -41,7 +41,7 @@ def main():
         f.write("5")  # restart the high-water mark from what is resident now
     base, t0 = status_mib("VmRSS"), time.time()
     if mode == "chunked":
-        logp, _ = common.Policy(lm, chunk).train()(prompt, pmask, completion, cmask)
+        logp, _ = logprobs.Policy(lm, chunk).train()(prompt, pmask, completion, cmask)
     else:  # the plain way: every position's logits, then a log-softmax over the whole vocabulary
         logits = lm(input_ids=torch.cat([prompt, completion], 1)).logits[:, P - 1:-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, completion[..., None])[..., 0]

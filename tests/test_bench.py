@@ -1,9 +1,9 @@
-"""bench.py: a CI smoke run on the tiny model, and the arithmetic behind its figures."""
+"""tools/bench.py: a CI smoke run on the tiny model, and the arithmetic behind its figures."""
 import sys
 
 import torch
 
-import bench
+from tools import bench
 from conftest import run
 
 SMOKE = ["--tiny", "--num_seqs=8", "--group_size=4", "--prompt_len=16", "--max_new_tokens=8", "--micro_batch_size=4",
@@ -12,7 +12,7 @@ SMOKE = ["--tiny", "--num_seqs=8", "--group_size=4", "--prompt_len=16", "--max_n
 
 def test_bench_tiny_smoke_prints_the_phase_table_and_ratios(tiny_dir):
     # run bench.main() in a fresh interpreter and check it never imported `datasets` (the GPU box lacks it)
-    code = ("import sys; sys.argv = ['bench.py'] + sys.argv[1:]; import bench; bench.main(); "
+    code = ("import sys; sys.argv = ['bench.py'] + sys.argv[1:]; from tools import bench; bench.main(); "
             "assert 'datasets' not in sys.modules, 'bench.py imported datasets'")
     out = run([sys.executable, "-c", code, *SMOKE]).stdout
     header = next(l for l in out.splitlines() if l.startswith("phase"))

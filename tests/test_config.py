@@ -1,35 +1,36 @@
 """Config parsing: overrides, --tiny, --help, and clear errors on typos and bad types."""
 import dataclasses
 import json
+import sys
 
 import pytest
 
-import common
+from grpo_family import config, logs
+from tools import trainers
 import grpo
 from conftest import run
 
 
 def test_defaults_and_overrides():
-    cfg = common.parse_config(grpo.Config, [], tiny=grpo.TINY)
+    cfg = config.parse(grpo.Config, [], tiny=grpo.TINY)
     assert cfg == dataclasses.replace(grpo.Config(), run_dir="runs/grpo")  # the run dir is named after the file
-    cfg = common.parse_config(grpo.Config, ["--lr=3e-6", "--group_size=16", "--beta=0", "--model=./m"], tiny=grpo.TINY)
+    cfg = config.parse(grpo.Config, ["--lr=3e-6", "--group_size=16", "--beta=0", "--model=./m"], tiny=grpo.TINY)
     assert (cfg.lr, cfg.group_size, cfg.beta, cfg.model) == (3e-6, 16, 0.0, "./m")
 
 
 def test_tiny_overrides_and_explicit_flags_win():
-    cfg = common.parse_config(grpo.Config, ["--tiny", "--num_steps=3"], tiny=grpo.TINY)
+    cfg = config.parse(grpo.Config, ["--tiny", "--num_steps=3"], tiny=grpo.TINY)
     assert cfg.tiny and cfg.num_steps == 3 and cfg.run_dir == "runs/grpo-tiny"
     assert cfg.lr == grpo.TINY["lr"] and cfg.system_prompt == "" and (cfg.model, cfg.data_path) == ("tiny", "tiny")
-    cfg = common.parse_config(grpo.Config, ["--tiny", "--model=/m", "--data_path=/d", "--run_dir=R"], tiny=grpo.TINY)
+    cfg = config.parse(grpo.Config, ["--tiny", "--model=/m", "--data_path=/d", "--run_dir=R"], tiny=grpo.TINY)
     assert (cfg.model, cfg.data_path, cfg.run_dir) == ("/m", "/d", "R")
 
 
-@pytest.mark.parametrize("name", ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo",
-                                  "rloo", "maxrl", "gmpo", "gdpo", "dppo", "reinforcepp"])
+@pytest.mark.parametrize("name", trainers.TRAINERS)
 def test_run_dir_and_progress_label_come_from_the_file_name(name):
     module = __import__(name)
-    assert common.run_name(module.Config) == name
-    assert common.parse_config(module.Config, ["--tiny"], tiny=module.TINY).run_dir == f"runs/{name}-tiny"
+    assert config.run_name(module.Config) == name
+    assert config.parse(module.Config, ["--tiny"], tiny=module.TINY).run_dir == f"runs/{name}-tiny"
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -41,34 +42,34 @@ def test_run_dir_and_progress_label_come_from_the_file_name(name):
     (["lr=1"], "unexpected argument"),
 ])
 def test_bad_input_gives_clear_error(argv, msg):
-    with pytest.raises(common.UserError, match=msg):
-        common.parse_config(grpo.Config, argv, tiny=grpo.TINY)
+    with pytest.raises(config.UserError, match=msg):
+        config.parse(grpo.Config, argv, tiny=grpo.TINY)
 
 
 def test_unknown_key_error_lists_valid_keys():
     with pytest.raises(ValueError) as e:
-        common.parse_config(grpo.Config, ["--nope=1"])
+        config.parse(grpo.Config, ["--nope=1"])
     for f in dataclasses.fields(grpo.Config):
         assert f.name in str(e.value)
 
 
 def test_every_field_is_documented_in_help():
-    text = common.config_help(grpo.Config, grpo.TINY)
-    docs = common._field_docs(grpo.Config)
+    text = config.help_text(grpo.Config, grpo.TINY)
+    docs = config._field_docs(grpo.Config)
     for f in dataclasses.fields(grpo.Config):
         assert docs.get(f.name), f"field {f.name} has no comment"
         assert f"--{f.name}=" in text
 
 
 def test_help_from_command_line():
-    p = run(["python", "grpo.py", "--help"])
+    p = run([sys.executable, "grpo.py", "--help"])
     assert "--clip_eps=0.2" in p.stdout and "--tiny" in p.stdout
 
 
 def test_fresh_run_starts_a_fresh_log_and_resume_appends(tmp_path):
     for cfg in (grpo.Config(), grpo.Config()):  # two fresh runs in the same run dir
-        common.Logger(str(tmp_path), cfg, True).log(1, {"reward": 0.5})
+        logs.Logger(str(tmp_path), cfg, True).log(1, {"reward": 0.5})
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 1
-    common.Logger(str(tmp_path), grpo.Config(resume=str(tmp_path)), True).log(2, {"reward": 0.7})
+    logs.Logger(str(tmp_path), grpo.Config(resume=str(tmp_path)), True).log(2, {"reward": 0.7})
     assert [l.count('"step"') for l in open(tmp_path / "metrics.jsonl")] == [1, 1]
     assert json.loads(open(tmp_path / "config.json").read())["resume"] == str(tmp_path)

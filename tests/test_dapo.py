@@ -12,10 +12,8 @@ import time
 import pytest
 import torch
 
-import common
+from grpo_family import gsm8k, loading, logprobs, rollout, tiny
 import dapo
-import gsm8k
-import tiny
 from conftest import F64, NEW, REF, REWARDS, ROOT, cli_error, padded, run, single_process, toy, torchrun, value_and_dj
 
 SPEC_ADV = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=F64)  # population std of R = [1, 0, 0, 1]
@@ -218,14 +216,14 @@ def test_keep_groups_matches_a_loop():
 
 
 def round_rollout(tok, questions, completions, answers):
-    """A Rollout of one prompt per entry of `completions` (strings), as common.rollout packages it."""
-    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, q, "") for q in questions], torch.device("cpu"))
+    """A Rollout of one prompt per entry of `completions` (strings), as rollout.sample packages it."""
+    ids, mask = rollout.tokenize_prompts(tok, [gsm8k.build_prompt(tok, q, "") for q in questions], torch.device("cpu"))
     enc = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
     T = max(len(e) for e in enc)
     cids = torch.full((len(enc), T), tok.pad_token_id)
     for i, e in enumerate(enc):
         cids[i, :len(e)] = torch.tensor(e)
-    r = common.make_rollout(tok, ids, mask, cids, [tok.eos_token_id])
+    r = rollout.make_rollout(tok, ids, mask, cids, [tok.eos_token_id])
     r.answers = answers
     return r
 
@@ -239,7 +237,7 @@ def two_rounds(tok):
 
 
 def test_gather_kept_groups_orders_and_truncates(tiny_dir):
-    tok = common.load_tokenizer(tiny_dir)
+    tok = loading.tokenizer(tiny_dir)
     r0, r1 = two_rounds(tok)
     G = 2
     pool = [(torch.tensor([3, 0]), r0, torch.tensor([1.0, 2.0, 3.0, 4.0])),  # keys out of order on purpose
@@ -256,9 +254,9 @@ def test_gather_kept_groups_orders_and_truncates(tiny_dir):
 
 
 def test_rollout_cat_of_different_widths_keeps_the_real_tokens_logprobs(tiny_dir):
-    tok = common.load_tokenizer(tiny_dir)
+    tok = loading.tokenizer(tiny_dir)
     r0, r1 = two_rounds(tok)
-    r = common.Rollout.cat([r0, r1], torch.device("cpu"))
+    r = rollout.Rollout.cat([r0, r1], torch.device("cpu"))
     P0, T0 = r0.prompt_ids.shape[1], r0.completion_ids.shape[1]
     P, T = r1.prompt_ids.shape[1], r1.completion_ids.shape[1]
     assert P > P0 and T > T0 and r.prompt_ids.shape == (6, P) and r.completion_ids.shape == (6, T)
@@ -270,7 +268,7 @@ def test_rollout_cat_of_different_widths_keeps_the_real_tokens_logprobs(tiny_dir
     assert r.texts == r0.texts + r1.texts and r.answers == r0.answers + r1.answers
     assert torch.equal(r.lengths, torch.cat([r0.lengths, r1.lengths]))
     # extra left padding of prompts and right padding of completions leaves the log-probs unchanged
-    policy = common.Policy(common.load_model(tiny_dir, torch.device("cpu"), F64)).eval()
+    policy = logprobs.Policy(loading.model(tiny_dir, torch.device("cpu"), F64)).eval()
     with torch.no_grad():
         lp_cat, _ = policy(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
         lp0, _ = policy(r0.prompt_ids, r0.prompt_mask, r0.completion_ids, r0.completion_mask)
@@ -326,7 +324,7 @@ def test_smoke_tiny(tiny_dir, tmp_path):
 
 
 def test_trains_under_torchrun_with_overlong_filter_and_kl(tiny_dir, tmp_path):
-    # dapo.py ends with common.check_replicas: it raises unless both ranks hold identical weights
+    # dapo.py ends with distributed.check_replicas: it raises unless both ranks hold identical weights
     # and took the same number of optimizer steps. β > 0 also loads the reference model on each rank.
     run(torchrun(2, "dapo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
                  "--eval_problems=8", "--overlong_filter", "--beta=0.04", f"--run_dir={tmp_path}"))

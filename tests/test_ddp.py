@@ -15,7 +15,7 @@ def test_ddp_update_equals_single_process_update(tiny_dir):
 
 
 def test_grpo_trains_under_torchrun(tiny_dir, tmp_path):
-    # grpo.py ends with common.check_replicas: it raises unless both ranks hold identical
+    # grpo.py ends with distributed.check_replicas: it raises unless both ranks hold identical
     # weights and took the same number of optimizer steps.
     run(torchrun(2, "grpo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
                  "--eval_problems=8", f"--run_dir={tmp_path}"))

@@ -1,13 +1,13 @@
 """Drift guard: `diff grpo.py X.py` shows X's algorithm and nothing else.
 
-Rules, for every trainer X:
+Rules, for every trainer X (the list, markers and budgets: tools/trainers.py):
 1. Budget: the changed lines of `diff -u grpo.py X.py` (+ and - together, docstrings included) stay
-   within X's budget.
+   within X's budget, today's size: a change that is not X's algorithm cannot grow it.
 2. Markers: in the code below the module docstring, every diff hunk that adds lines adds at least one
-   line with a trailing `# [X]` comment; a hunk that only deletes lines needs none (the reader sees the
-   `-` lines). The marker lives in comments only, never inside a string or docstring.
+   line with a `# [X]` comment; a hunk that only deletes lines needs none (the reader sees the `-` lines).
+   The marker is written one way, `# [X]` (its own hash), in comments only, never in a string or docstring.
 3. Shape: every trainer's module docstring is at most 30 lines and ends with "Details: docs/<x>.md".
-4. Size: common.py stays within 750 lines and README.md within 300, so both can be read in one sitting.
+4. Skeleton: every trainer's loop carries grpo.py's numbered step comments, in the same order.
 """
 import ast
 import difflib
@@ -19,16 +19,13 @@ import tokenize
 
 import pytest
 
-from conftest import ROOT
+import re
 
-# (marker, budget of changed lines against grpo.py)
-TRAINERS = {"dapo.py": ("[DAPO]", 180), "gspo.py": ("[GSPO]", 80), "sapo.py": ("[SAPO]", 70),
-            "gfpo.py": ("[GFPO]", 150), "gtpo.py": ("[GTPO]", 150), "ppo.py": ("[PPO]", 250),
-            "dpo.py": ("[DPO]", 150), "drgrpo.py": ("[DRGRPO]", 50), "cispo.py": ("[CISPO]", 80),
-            "rloo.py": ("[RLOO]", 120), "maxrl.py": ("[MAXRL]", 120), "gmpo.py": ("[GMPO]", 80),
-            "gdpo.py": ("[GDPO]", 100), "dppo.py": ("[DPPO]", 100),
-            "reinforcepp.py": ("[R++]", 120)}
-ALL = ["grpo.py", *TRAINERS]
+from conftest import ROOT
+from tools import trainers
+
+TRAINERS = {f"{name}.py": (trainers.MARKERS[name], trainers.BUDGETS[name]) for name in trainers.MARKERS}
+ALL = [f"{name}.py" for name in trainers.TRAINERS]
 
 
 def changed_lines(a, b):
@@ -48,13 +45,18 @@ def body(path):
     return lines[end + 1:]
 
 
+def marked(line, marker):
+    """True if the line carries the marker as `# [X]`, in a comment."""
+    return "#" in line and f"# {marker}" in "#" + line.split("#", 1)[1]
+
+
 def unmarked_hunks(base, other, marker):
-    """Hunks of the diff base -> other that add lines but none with a trailing `# ... marker` comment."""
+    """Hunks of the diff base -> other that add lines but none with a `# [X]` comment."""
     bad = []
     for group in difflib.SequenceMatcher(None, base, other, autojunk=False).get_grouped_opcodes(0):
         added = [l for tag, i1, i2, j1, j2 in group if tag != "equal" for l in other[j1:j2]]
         removed = [l for tag, i1, i2, j1, j2 in group if tag != "equal" for l in base[i1:i2]]
-        if added and not any("#" in l and marker in l.split("#", 1)[1] for l in added):
+        if added and not any(marked(l, marker) for l in added):
             bad.append("\n".join(["-" + l for l in removed] + ["+" + l for l in added]))
     return bad
 
@@ -80,10 +82,13 @@ def test_every_added_hunk_is_marked(name):
 
 
 @pytest.mark.parametrize("name", sorted(TRAINERS))
-def test_markers_only_in_comments(name):
+def test_markers_only_in_comments_and_written_one_way(name):
     marker = TRAINERS[name][0]
     lines = markers_in_strings(os.path.join(ROOT, name), marker)
     assert not lines, f"{name}: {marker} inside a string or docstring on line(s) {lines}; markers go in comments"
+    other_way = [i for i, l in enumerate(open(os.path.join(ROOT, name)).read().splitlines(), 1)
+                 if marker in l and not marked(l, marker) and i not in lines]
+    assert not other_way, f"{name}: {marker} not written as `# {marker}` on line(s) {other_way}"
     others = [m for other, (m, _) in TRAINERS.items() if other != name and m in open(os.path.join(ROOT, name)).read()]
     assert not others, f"{name} carries another trainer's marker: {others}"
 
@@ -99,10 +104,20 @@ def test_docstring_shape(name):
     assert os.path.isfile(os.path.join(ROOT, "docs", name[:-3] + ".md")), f"docs/{name[:-3]}.md is missing"
 
 
-@pytest.mark.parametrize("name,limit", [("common.py", 750), ("README.md", 300)])
-def test_shared_files_stay_short(name, limit):
-    n = len(open(os.path.join(ROOT, name)).read().splitlines())
-    assert n <= limit, f"{name} is {n} lines; at most {limit}: move the extra into its own module or into docs/"
+def step_comments(name):
+    """The loop's numbered step comments, `# 4. old and ...` -> '4'."""
+    return [m.group(1) for m in re.finditer(r"^ +# (\d)\. ", open(os.path.join(ROOT, name)).read(), re.M)]
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_every_loop_carries_the_skeleton_s_numbered_steps_in_order(name):
+    """grpo.py's steps 1 to 8 (prompts, rollout, rewards, log-probs, advantages, update, metrics, eval) appear in
+    every trainer in that order; a trainer that merges two says so in one comment (dpo.py: `# 4. and 5.`)."""
+    assert step_comments("grpo.py") == [str(i) for i in range(1, 9)]
+    steps = step_comments(name)
+    assert steps == sorted(steps) and set(steps) <= set("12345678"), (name, steps)
+    merged = {"4", "5"} if re.search(r"# 4\. and 5\. ", open(os.path.join(ROOT, name)).read()) else set()
+    assert set(steps) | merged == set("12345678"), (name, steps)
 
 
 def test_checker_catches_unmarked_change_and_accepts_pure_deletion():

@@ -1,13 +1,13 @@
-"""The "how X differs from GRPO" diff blocks in docs/X.md match the files (python diffguide.py fixes them)."""
+"""The "how X differs from GRPO" diff blocks in docs/X.md match the files (python -m tools.diffguide fixes them)."""
 import pytest
 
-import diffguide
+from tools import diffguide
 
 
 @pytest.mark.parametrize("name", diffguide.TRAINERS)
 def test_docs_diff_block_is_current(name):
     text = open(diffguide.doc_path(name)).read()
-    assert diffguide.render(text, name) == text, f"docs/{name[:-3]}.md diff block is stale: run `python diffguide.py`"
+    assert diffguide.render(text, name) == text, f"docs/{name[:-3]}.md diff block is stale: run `python -m tools.diffguide`"
 
 
 def test_stale_block_is_detected():
@@ -20,3 +20,22 @@ def test_stale_block_is_detected():
 def test_missing_block_is_an_error():
     with pytest.raises(ValueError, match="no '<!-- diff:gspo.py begin/end -->' block"):
         diffguide.render("# GSPO\nno block here\n", "gspo.py")
+
+
+def test_every_python_excerpt_in_the_docs_is_code_as_it_is():
+    """A ```python block in docs/ quotes the code: each of its lines (but `...` and comment lines) is a line of a
+    trainer, the plumbing or a tool today, so an excerpt cannot go stale when the code changes."""
+    import glob
+    import re
+    root = diffguide.ROOT
+    code = {line.strip() for pattern in ("*.py", "grpo_family/*.py", "tools/*.py")
+            for path in glob.glob(f"{root}/{pattern}") for line in open(path, encoding="utf-8")}
+    stale = []
+    for path in sorted(glob.glob(f"{root}/docs/*.md")):
+        text = re.sub(r"<!-- diff:\S+ begin -->.*?<!-- diff:\S+ end -->", "", open(path, encoding="utf-8").read(),
+                      flags=re.S)
+        for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+            stale += [f"{path[len(root) + 1:]}: {line.strip()}" for line in block.splitlines()
+                      if line.strip() not in ("", "...") and not line.strip().startswith("#")
+                      and line.strip() not in code]
+    assert not stale, "excerpts in docs/ that are no longer the code:\n" + "\n".join(stale[:20])

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import common
+from grpo_family import config
 import dpo
 from conftest import padded, run, toy, torchrun, value_and_dj
 
@@ -165,11 +165,11 @@ def test_micro_batches_and_ranks_add_up_to_the_mini_batch_loss():
 
 
 def test_beta_must_be_positive_and_there_is_no_clip():
-    with pytest.raises(common.UserError, match=r"--beta=0.0 is out of range: it must be in \(0, inf\)"):
-        common.parse_config(dpo.Config, ["--beta=0"], tiny=dpo.TINY)
-    with pytest.raises(common.UserError, match="unknown config key --clip_eps"):
-        common.parse_config(dpo.Config, ["--clip_eps=0.2"], tiny=dpo.TINY)
-    assert common.parse_config(dpo.Config, ["--tiny"], tiny=dpo.TINY).beta == 0.1
+    with pytest.raises(config.UserError, match=r"--beta=0.0 is out of range: it must be in \(0, inf\)"):
+        config.parse(dpo.Config, ["--beta=0"], tiny=dpo.TINY)
+    with pytest.raises(config.UserError, match="unknown config key --clip_eps"):
+        config.parse(dpo.Config, ["--clip_eps=0.2"], tiny=dpo.TINY)
+    assert config.parse(dpo.Config, ["--tiny"], tiny=dpo.TINY).beta == 0.1
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_smoke_tiny(tiny_dir, tmp_path):
 
 def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
     # 2 prompts per rank, 4 mini-batches: some mini-batches hold no pair on a rank (stand-in or skipped) and
-    # 1 pair per micro-batch; dpo.py ends with common.check_replicas, which raises unless both ranks hold
+    # 1 pair per micro-batch; dpo.py ends with distributed.check_replicas, which raises unless both ranks hold
     # identical weights and took the same number of optimizer steps
     run_dir = str(tmp_path / "run")
     p = run(["nice", "-n", "5", *torchrun(2, "dpo.py", "--tiny", "--num_steps=2", "--batch_prompts=4",

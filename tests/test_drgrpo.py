@@ -237,7 +237,7 @@ def test_smoke_tiny(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # drgrpo.py ends with common.check_replicas: both ranks must hold identical weights and have taken
+    # drgrpo.py ends with distributed.check_replicas: both ranks must hold identical weights and have taken
     # the same optimizer steps. β > 0 also loads the reference model on each rank.
     run(torchrun(2, "drgrpo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
                  "--eval_problems=8", "--beta=0.04", f"--run_dir={tmp_path}"))

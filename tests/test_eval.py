@@ -8,10 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-import common
-import tiny
-import evaluation
-import gsm8k
+from grpo_family import config, distributed, evaluation, gsm8k, loading, logs, tiny
 from conftest import run, single_process, torchrun
 
 import eval_gsm8k  # noqa: E402  (importable: the script bodies run only under __main__)
@@ -109,7 +106,7 @@ def test_summarize_eval_hand_records():
 
 @pytest.fixture(scope="module")
 def tiny_setup(tiny_dir):
-    return common.load_model(tiny_dir, torch.device("cpu")), common.load_tokenizer(tiny_dir)
+    return loading.model(tiny_dir, torch.device("cpu")), loading.tokenizer(tiny_dir)
 
 
 def test_evaluate_trainer_contract_and_rng(tiny_setup):
@@ -144,7 +141,7 @@ def test_evaluate_shards_do_not_depend_on_world_size(tiny_setup):
     _, full = evaluation.evaluate(model, tok, problems, single_process(), 24, **kw)
     parts = []
     for rank in range(3):  # three ranks of a 3-rank run, each evaluated without a process group
-        d = common.Dist(False, rank, rank, 3, torch.device("cpu"), rank == 0)
+        d = distributed.Dist(False, rank, rank, 3, torch.device("cpu"), rank == 0)
         parts += evaluation.evaluate(model, tok, problems, d, 24, **kw)[1]
     assert sorted(parts, key=lambda r: r["index"]) == full
     assert [r["index"] for r in full] == list(range(10))
@@ -190,7 +187,7 @@ def test_eval_script_one_vs_two_processes(tmp_path):
     assert p1.read_text() == p2.read_text(), "predictions differ between 1 and 2 processes"
     s1, s2 = (json.load(open(tmp_path / x / "summary.json")) for x in ("one", "two"))
     assert s1["metrics"] == s2["metrics"] and (s1["world_size"], s2["world_size"]) == (1, 2)
-    assert s1["versions"] == common.versions() and out1.count("versions: ") == 1  # for problem reports
+    assert s1["versions"] == logs.versions() and out1.count("versions: ") == 1  # for problem reports
 
     preds = read_jsonl(p1)
     assert len(preds) == 9 == s1["problems"]  # one line per problem, the first --limit of them, in order
@@ -223,7 +220,7 @@ def test_sample_on_saved_checkpoint(tmp_path, tiny_setup):
     out = run([sys.executable, "sample.py", "--tiny", f"--model={tmp_path / 'run'}", "--num_questions=2",
                "--num_samples=2", "--temperature=1.0"], env=ENV).stdout
     assert f"model: {ckpt}" in out  # the run dir resolved to its latest checkpoint
-    assert out.splitlines()[0] == "versions: " + json.dumps(common.versions())
+    assert out.splitlines()[0] == "versions: " + json.dumps(logs.versions())
     assert "=== prompt 1/2 (reference answer" in out and "=== prompt 2/2" in out
     lines = [l for l in out.splitlines() if l.startswith("--- completion")]
     assert len(lines) == 4 and all("answer" in l and "| reward " in l for l in lines)
@@ -250,35 +247,35 @@ def test_sample_prompt_sources_and_reward_line(tmp_path):
 
 def test_clear_errors(tmp_path):
     missing = str(tmp_path / "no-such-run" / "ckpt-000001")
-    with pytest.raises(common.UserError, match=r"--limit=0 evaluates no problems"):
+    with pytest.raises(config.UserError, match=r"--limit=0 evaluates no problems"):
         eval_gsm8k.main(["--tiny", "--limit=0"])
-    with pytest.raises(common.UserError, match="does not exist"):
+    with pytest.raises(config.UserError, match="does not exist"):
         eval_gsm8k.main([f"--model={missing}", "--limit=1"])
-    with pytest.raises(common.UserError, match="does not exist"):
+    with pytest.raises(config.UserError, match="does not exist"):
         sample.main([f"--model={missing}", "--prompt=hi"])
-    with pytest.raises(common.UserError, match="temperature"):
+    with pytest.raises(config.UserError, match="temperature"):
         eval_gsm8k.main(["--tiny", "--num_samples=4"])
-    with pytest.raises(common.UserError, match="every k"):
+    with pytest.raises(config.UserError, match="every k"):
         eval_gsm8k.main(["--tiny", "--num_samples=4", "--temperature=1", "--ks=1,8"])
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    with pytest.raises(common.UserError, match="has no prompts"):
+    with pytest.raises(config.UserError, match="has no prompts"):
         sample.main(["--tiny", f"--prompt_file={empty}"])
-    with pytest.raises(common.UserError, match="prompt file"):
+    with pytest.raises(config.UserError, match="prompt file"):
         sample.main(["--tiny", f"--prompt_file={tmp_path / 'nope.txt'}"])
-    with pytest.raises(common.UserError, match="num_questions=0"):
+    with pytest.raises(config.UserError, match="num_questions=0"):
         sample.main(["--tiny", "--num_questions=0"])
     # model paths: relative paths that do not exist, a dir that holds no model, a run dir with `latest`
-    with pytest.raises(common.UserError, match="does not exist"):
-        common.model_path("runs/no-such-run/ckpt-000001", single_process())
-    with pytest.raises(common.UserError, match="no config.json"):
-        common.model_path(str(tmp_path), single_process())
+    with pytest.raises(config.UserError, match="does not exist"):
+        loading.model_path("runs/no-such-run/ckpt-000001", single_process())
+    with pytest.raises(config.UserError, match="no config.json"):
+        loading.model_path(str(tmp_path), single_process())
     run_dir = tmp_path / "run"
     (run_dir / "ckpt-000002").mkdir(parents=True)
     (run_dir / "ckpt-000002" / "config.json").write_text("{}")
     (run_dir / "latest").write_text("ckpt-000002\n")
-    assert common.model_path(str(run_dir), single_process()) == str(run_dir / "ckpt-000002")
+    assert loading.model_path(str(run_dir), single_process()) == str(run_dir / "ckpt-000002")
     (run_dir / "latest").write_text("ckpt-000009")
-    with pytest.raises(common.UserError, match="ckpt-000009"):
-        common.model_path(str(run_dir), single_process())
-    assert common.model_path("Qwen/Qwen2.5-1.5B-Instruct", single_process()) == "Qwen/Qwen2.5-1.5B-Instruct"
+    with pytest.raises(config.UserError, match="ckpt-000009"):
+        loading.model_path(str(run_dir), single_process())
+    assert loading.model_path("Qwen/Qwen2.5-1.5B-Instruct", single_process()) == "Qwen/Qwen2.5-1.5B-Instruct"

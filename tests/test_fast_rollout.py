@@ -1,13 +1,10 @@
-"""The fast rollout (common.fast_generate / fast_decode) against the plain Hugging Face generate path."""
+"""The fast rollout (decoder.fast_decode, what rollout.generate(fast=True) calls) against the plain Hugging Face generate path."""
 import copy
 
 import pytest
 import torch
 
-import common
-import tiny
-import decoder
-import gsm8k
+from grpo_family import decoder, gsm8k, loading, logprobs, rollout, tiny
 
 CPU = torch.device("cpu")
 
@@ -15,9 +12,9 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def tiny_setup(tiny_dir):
     """(model, tokenizer, prompt ids, prompt mask) for 12 held-out tiny prompts of different lengths."""
-    tok, model = common.load_tokenizer(tiny_dir), common.load_model(tiny_dir, CPU)
+    tok, model = loading.tokenizer(tiny_dir), loading.model(tiny_dir, CPU)
     prompts = [gsm8k.build_prompt(tok, p["question"], "") for p in tiny.dataset("test")[:12]]
-    ids, mask = common.tokenize_prompts(tok, prompts, CPU)
+    ids, mask = rollout.tokenize_prompts(tok, prompts, CPU)
     assert (mask == 0).any(), "the prompts must need left padding for these tests to cover it"
     return model, tok, ids, mask
 
@@ -26,9 +23,9 @@ def both(tiny_setup, seed, **kw):
     """The plain and the fast Rollout of the same call, each after seeding torch with `seed`."""
     model, tok, ids, mask = tiny_setup
     torch.manual_seed(seed)
-    plain = common.generate(model, tok, ids, mask, **kw)
+    plain = rollout.generate(model, tok, ids, mask, **kw)
     torch.manual_seed(seed)
-    fast = common.generate(model, tok, ids, mask, fast=True, **kw)
+    fast = rollout.generate(model, tok, ids, mask, fast=True, **kw)
     return plain, fast
 
 
@@ -73,14 +70,14 @@ def test_sample_tokens_is_hf_warpers_then_multinomial():
 
 
 def test_logprobs_of_fast_samples_equal_policy_logprobs(tiny_setup):
-    """The decode loop's distribution is the training forward's: log-probs of its samples match common.Policy."""
+    """The decode loop's distribution is the training forward's: log-probs of its samples match logprobs.Policy."""
     model, tok, ids, mask = tiny_setup
     torch.manual_seed(7)
-    out, logps = decoder.fast_decode(model, ids, mask, 30, common.eos_token_ids(model, tok), tok.pad_token_id,
+    out, logps = decoder.fast_decode(model, ids, mask, 30, rollout.eos_token_ids(model, tok), tok.pad_token_id,
                                     temperature=0.8, return_logprobs=True)
-    cmask, _ = common.completion_mask(out, common.eos_token_ids(model, tok))
+    cmask, _ = rollout.completion_mask(out, rollout.eos_token_ids(model, tok))
     with torch.no_grad():
-        ref, _ = common.Policy(model).eval()(ids, mask, out, cmask, temperature=0.8)
+        ref, _ = logprobs.Policy(model).eval()(ids, mask, out, cmask, temperature=0.8)
     m = cmask.bool()
     assert m.sum() > 100
     torch.testing.assert_close(logps[m], ref[m], atol=1e-5, rtol=1e-5)
@@ -110,7 +107,7 @@ def test_prefill_and_decode_step_logits_equal_full_forward(tiny_setup):
 def test_fixed_attention_windows_give_the_same_completions(tiny_setup):
     """The windowed attention CUDA graphs use (unfilled cache slots masked out) changes nothing."""
     model, tok, ids, mask = tiny_setup
-    eos = common.eos_token_ids(model, tok)
+    eos = rollout.eos_token_ids(model, tok)
     exact, lp_exact = decoder.fast_decode(model, ids, mask, 40, eos, tok.pad_token_id, greedy=True, return_logprobs=True)
     windowed, lp_win = decoder.fast_decode(model, ids, mask, 40, eos, tok.pad_token_id, greedy=True,
                                           window_multiple=16, return_logprobs=True)
@@ -133,9 +130,9 @@ def test_random_models_of_each_supported_architecture(arch):
     mask[1, :3] = mask[3, :5] = 0
     torch.manual_seed(1)
     out, logps = decoder.fast_decode(model, ids, mask, 12, [1], 0, return_logprobs=True)
-    cmask, _ = common.completion_mask(out, [1])
+    cmask, _ = rollout.completion_mask(out, [1])
     with torch.no_grad():
-        ref, _ = common.Policy(model).eval()(ids, mask, out, cmask)
+        ref, _ = logprobs.Policy(model).eval()(ids, mask, out, cmask)
     torch.testing.assert_close(logps[cmask.bool()], ref[cmask.bool()], atol=1e-5, rtol=1e-5)
 
 
@@ -158,10 +155,10 @@ def test_cuda_graphs_need_cuda(tiny_setup):
 def test_cuda_graph_replay_matches_eager_on_gpu(tiny_dir):
     """On a GPU: graph replay gives the completions of the same loop run eagerly (same windows, same kernels)."""
     dev = torch.device("cuda")
-    tok, model = common.load_tokenizer(tiny_dir), common.load_model(tiny_dir, dev)
+    tok, model = loading.tokenizer(tiny_dir), loading.model(tiny_dir, dev)
     prompts = [gsm8k.build_prompt(tok, p["question"], "") for p in tiny.dataset("test")[:12]]
-    ids, mask = common.tokenize_prompts(tok, prompts, dev)
-    eos = common.eos_token_ids(model, tok)
+    ids, mask = rollout.tokenize_prompts(tok, prompts, dev)
+    eos = rollout.eos_token_ids(model, tok)
     runs = []
     for graphs in (False, True):
         torch.manual_seed(0)
@@ -183,7 +180,7 @@ def test_non_finite_logits_raise(tiny_setup):
 def test_group_prefill_equals_prefilling_every_row(tiny_setup):
     """group_size > 1 runs each prompt once and shares its cache rows; same result as repeated prompts."""
     model, tok, ids, mask = tiny_setup
-    eos = common.eos_token_ids(model, tok)
+    eos = rollout.eos_token_ids(model, tok)
     torch.manual_seed(3)
     shared, lp_shared = decoder.fast_decode(model, ids, mask, 20, eos, tok.pad_token_id, group_size=3,
                                            return_logprobs=True)

@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli_error, run, torchrun
-import common
+from grpo_family import loading
+from tools import trainers
 import dpo
 import grpo
 
-TRAINERS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "drgrpo", "cispo", "rloo", "maxrl", "gmpo",
-            "gdpo", "dppo", "reinforcepp"]  # every trainer but dpo.py, which refuses --fsdp (see below)
+TRAINERS = [n for n in trainers.TRAINERS if n != "dpo"]  # every trainer but dpo.py, which refuses --fsdp (below)
 SAMPLED = ("reward", "accuracy", "response_length", "truncated", "zero_std_groups", "eval/strict", "eval/lenient")
 FAST = ["--tiny", "--batch_prompts=4", "--group_size=4", "--eval_problems=8", "--eval_every=0"]
 
@@ -68,7 +68,7 @@ def test_fsdp_update_equals_single_process_update(tiny_dir, tmp_path):
 def test_every_trainer_under_fsdp_equals_its_ddp_run(all_trainers, name):
     """Two steps of the tiny default with --fsdp and with DDP from the same start: the same completions, rewards
     and held-out answers, the same losses to rounding, the same weights (PPO: and critic) to 1e-6. Each run ended
-    with common.check_replicas, which compares the whole weights and the optimizer steps across ranks."""
+    with distributed.check_replicas, which compares the whole weights and the optimizer steps across ranks."""
     _, report = all_trainers
     r = report[name]
     assert r["weight_diff"] < 1e-6, (name, r["weight_diff"])
@@ -92,7 +92,7 @@ def test_an_fsdp_checkpoint_loads_as_a_plain_model(all_trainers, tiny_dir):
     model, info = AutoModelForCausalLM.from_pretrained(ckpt["fsdp"], output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    ddp = common.load_model(str(ckpt["ddp"]), torch.device("cpu"))
+    ddp = loading.model(str(ckpt["ddp"]), torch.device("cpu"))
     ids = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (model(ids).logits - ddp(ids).logits).abs().max().item()
@@ -149,14 +149,13 @@ def test_fsdp_refuses_what_it_cannot_shard_in_one_line(capsys, monkeypatch):
 
 
 def test_the_predicted_memory_table_in_the_docs_is_the_scripts_output():
-    """docs/fsdp.md's table is what scripts/fsdp_memory.py prints now (so a change to either shows), from exact
+    """docs/fsdp.md's table is what tools/fsdp_memory.py prints now (so a change to either shows), from exact
     parameter counts (Qwen2.5-1.5B: 1,543,714,304 parameters, 1.54B as its model card says)."""
-    p = run([sys.executable, "scripts/fsdp_memory.py"])
+    p = run([sys.executable, "-m", "tools.fsdp_memory"])
     table = [l for l in p.stdout.splitlines() if l.startswith("|")]
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "fsdp.md")).read()
     assert len(table) == 8 and all(l in doc for l in table), p.stdout
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    import fsdp_memory
+    from tools import fsdp_memory
     assert fsdp_memory.sizes("Qwen2.5-1.5B")[1] == 1_543_714_304
     for world in (2, 8):  # sharding divides what is held by the number of ranks; DDP's does not move
         ddp, sharded = fsdp_memory.predict("Qwen2.5-7B", world, False), fsdp_memory.predict("Qwen2.5-7B", world, True)

@@ -94,7 +94,7 @@ def test_smoke_tiny(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # the batch whitening all-reduces over ranks; gdpo.py ends with common.check_replicas
+    # the batch whitening all-reduces over ranks; gdpo.py ends with distributed.check_replicas
     run(torchrun(2, "gdpo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
                  "--eval_problems=8", f"--run_dir={tmp_path}"))
     check_run(tmp_path, 2)

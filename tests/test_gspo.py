@@ -284,7 +284,7 @@ def test_smoke_tiny(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # gspo.py ends with common.check_replicas: both ranks must hold identical weights
+    # gspo.py ends with distributed.check_replicas: both ranks must hold identical weights
     run_dir = str(tmp_path / "run")
     p = run(torchrun(2, "gspo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--eval_problems=8",
                      "--gspo_token", "--beta=0.04", f"--run_dir={run_dir}"))

@@ -4,18 +4,16 @@ import json
 import pytest
 import torch
 
-import common
-import tiny
-import gsm8k
+from grpo_family import config, gsm8k, loading, tiny
 
 
 def test_from_pretrained_roundtrip(tiny_dir, tmp_path):
-    tok = common.load_tokenizer(tiny_dir)
-    lm = common.load_model(tiny_dir, torch.device("cpu"))
+    tok = loading.tokenizer(tiny_dir)
+    lm = loading.model(tiny_dir, torch.device("cpu"))
     lm.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    tok2 = common.load_tokenizer(str(tmp_path))
-    lm2 = common.load_model(str(tmp_path), torch.device("cpu"), torch.bfloat16)
+    tok2 = loading.tokenizer(str(tmp_path))
+    lm2 = loading.model(str(tmp_path), torch.device("cpu"), torch.bfloat16)
     assert next(lm2.parameters()).dtype == torch.bfloat16
     text = gsm8k.build_prompt(tok, "Ann has 3 pens.", "")
     assert tok2(text)["input_ids"] == tok(text)["input_ids"]
@@ -25,10 +23,10 @@ def test_from_pretrained_roundtrip(tiny_dir, tmp_path):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(common.UserError, match="does not exist"):
-        common.load_model(str(tmp_path / "nope"), torch.device("cpu"))
-    with pytest.raises(common.UserError, match="does not exist"):
-        common.load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(config.UserError, match="does not exist"):
+        loading.model(str(tmp_path / "nope"), torch.device("cpu"))
+    with pytest.raises(config.UserError, match="does not exist"):
+        loading.tokenizer(str(tmp_path / "nope"))
 
 
 def write_jsonl(path, rows):

@@ -1,4 +1,4 @@
-"""The lock (requirements.lock, scripts/lock.py): it agrees with requirements.txt, holds every package the code
+"""The lock (requirements.lock, tools/lock.py): it agrees with requirements.txt, holds every package the code
 imports, and the check finds each kind of disagreement; the refresh's writers produce files that agree."""
 import ast
 import json
@@ -9,9 +9,8 @@ from importlib.metadata import packages_distributions
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import lock  # noqa: E402
+from conftest import ROOT
+from tools import lock
 
 OPTIONAL = {"matplotlib", "wandb"}  # imported inside a function, with an error that names the install command
 
@@ -25,10 +24,11 @@ def test_requirements_and_lock_agree():
 def third_party_imports():
     """{top-level module: [files]} that the repository's code and tests import, the standard library and our own
     modules left out; whether the import sits inside a function."""
-    ours = {f[:-3] for d in (ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "scripts"))
-            for f in os.listdir(d) if f.endswith(".py")}
+    dirs = ("", "grpo_family", "tools", "tests")
+    ours = {"grpo_family", "tools"} | {f[:-3] for d in dirs for f in os.listdir(os.path.join(ROOT, d))
+                                       if f.endswith(".py")}
     found = {}
-    for d in ("", "tests", "scripts"):
+    for d in dirs:
         for f in sorted(os.listdir(os.path.join(ROOT, d))):
             if not f.endswith(".py"):
                 continue
@@ -115,8 +115,8 @@ def test_refresh_writes_a_lock_and_caps_that_agree(tmp_path):
 
 
 def cli(args, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "lock.py"), *args], capture_output=True,
-                          text=True, timeout=300, **kw)
+    return subprocess.run([sys.executable, "-m", "tools.lock", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, **kw)
 
 
 def test_check_command_and_its_errors(tmp_path, monkeypatch, capsys):

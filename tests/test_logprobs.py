@@ -2,15 +2,13 @@
 import pytest
 import torch
 
-import common
-import tiny
-import gsm8k
+from grpo_family import gsm8k, loading, logprobs, rollout, tiny
 
 
 @pytest.fixture(scope="module")
 def model(tiny_dir):
-    tok = common.load_tokenizer(tiny_dir)
-    return tok, common.load_model(tiny_dir, torch.device("cpu"))
+    tok = loading.tokenizer(tiny_dir)
+    return tok, loading.model(tiny_dir, torch.device("cpu"))
 
 
 def plain_logprobs(lm, prompt, completion, temperature):
@@ -27,12 +25,12 @@ def test_chunked_logprobs_equal_full_forward_with_padding_on_both_sides(model, c
     tok, lm = model
     torch.manual_seed(0)
     qs = [r["question"] for r in tiny.dataset("test")[:3]]
-    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, q, "") for q in qs], torch.device("cpu"))
+    ids, mask = rollout.tokenize_prompts(tok, [gsm8k.build_prompt(tok, q, "") for q in qs], torch.device("cpu"))
     assert (mask == 0).any(), "prompts must be left-padded for this test"
-    r = common.generate(lm, tok, ids, mask, 2, 24, temperature=1.0)
+    r = rollout.generate(lm, tok, ids, mask, 2, 24, temperature=1.0)
     assert (r.completion_mask == 0).any(), "completions must be right-padded for this test"
-    policy = common.Policy(lm, chunk_size=chunk)
-    lp, ent = common.batched_logprobs(policy, r, 4, temperature)
+    policy = logprobs.Policy(lm, chunk_size=chunk)
+    lp, ent = logprobs.batched(policy, r, 4, temperature)
     for i in range(len(r.texts)):
         p = r.prompt_ids[i][r.prompt_mask[i].bool()]
         c = r.completion_ids[i][r.completion_mask[i].bool()]
@@ -44,13 +42,13 @@ def test_chunked_logprobs_equal_full_forward_with_padding_on_both_sides(model, c
 
 def test_chunked_gradient_equals_full_gradient(model):
     tok, lm = model
-    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, "Ann has 3 pens.", "")], torch.device("cpu"))
+    ids, mask = rollout.tokenize_prompts(tok, [gsm8k.build_prompt(tok, "Ann has 3 pens.", "")], torch.device("cpu"))
     comp = torch.tensor([tok("3+4=7\n#### 7", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
     cmask = torch.ones_like(comp)
     grads = []
     for chunk in (3, 1000):
         lm.zero_grad()
-        lp, _ = common.Policy(lm, chunk_size=chunk)(ids, mask, comp, cmask)
+        lp, _ = logprobs.Policy(lm, chunk_size=chunk)(ids, mask, comp, cmask)
         lp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in lm.parameters()]))
     lm.zero_grad()
@@ -63,22 +61,22 @@ def test_completion_mask_ends_at_first_eos():
                         [5, eos, 7, eos, pad],   # tokens after the first EOS are masked
                         [5, 6, 7, 8, 9],         # no EOS: truncated, all ones
                         [eos, pad, pad, pad, pad]])
-    mask, truncated = common.completion_mask(ids, [eos])
+    mask, truncated = rollout.completion_mask(ids, [eos])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert truncated.tolist() == [False, False, True, False]
 
 
 def test_completion_mask_with_several_eos_ids():
-    mask, truncated = common.completion_mask(torch.tensor([[5, 3, 6, 2]]), [2, 3])
+    mask, truncated = rollout.completion_mask(torch.tensor([[5, 3, 6, 2]]), [2, 3])
     assert mask.tolist() == [[1, 1, 0, 0]] and truncated.tolist() == [False]
 
 
 def test_rollout_fields(model):
     tok, lm = model
-    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, q["question"], "") for q in tiny.dataset("test")[:2]],
+    ids, mask = rollout.tokenize_prompts(tok, [gsm8k.build_prompt(tok, q["question"], "") for q in tiny.dataset("test")[:2]],
                                         torch.device("cpu"))
     torch.manual_seed(1)
-    r = common.generate(lm, tok, ids, mask, 3, 6, temperature=1.0)  # 6 tokens: most are truncated
+    r = rollout.generate(lm, tok, ids, mask, 3, 6, temperature=1.0)  # 6 tokens: most are truncated
     assert r.completion_ids.shape[0] == 6 and len(r.texts) == 6
     assert torch.equal(r.lengths, r.completion_mask.sum(1))
     for i in range(6):

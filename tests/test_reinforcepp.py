@@ -111,7 +111,7 @@ def test_smoke_tiny(tiny_dir, tmp_path):  # the baseline variant here; the 2-ran
 
 
 def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # the whitening and the token count all-reduce over ranks; reinforcepp.py ends with common.check_replicas
+    # the whitening and the token count all-reduce over ranks; reinforcepp.py ends with distributed.check_replicas
     run(torchrun(2, "reinforcepp.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
                  "--eval_problems=8", f"--run_dir={tmp_path}"))
     check_run(tmp_path, 2)

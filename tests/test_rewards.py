@@ -7,9 +7,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-import common
-import tiny
-import gsm8k
+from grpo_family import gsm8k, rollout, tiny
 from conftest import SHARED_GSM8K
 
 
@@ -86,7 +84,7 @@ def test_format_reward():
 
 def test_rewards_compose():
     fns = [(1.0, gsm8k.correctness_reward), (0.5, gsm8k.format_reward)]
-    r = common.compute_rewards(["#### 4", "The answer is 4", "#### 5"], ["#### 4"] * 3, fns)
+    r = rollout.rewards(["#### 4", "The answer is 4", "#### 5"], ["#### 4"] * 3, fns)
     assert torch.allclose(r, torch.tensor([1.5, 0.0, 0.5]))
 
 

@@ -134,7 +134,7 @@ def test_smoke_tiny(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # rloo.py ends with common.check_replicas: both ranks hold identical weights and took the same steps;
+    # rloo.py ends with distributed.check_replicas: both ranks hold identical weights and took the same steps;
     # β > 0 loads the reference model on each rank, for the KL in the reward
     run(torchrun(2, "rloo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
                  "--eval_problems=8", f"--run_dir={tmp_path}"))

@@ -1,4 +1,4 @@
-"""Rollout correction (common.correction_weights, rollout_correction, reweight) against the spec's vectors
+"""Rollout correction (rollout.correction_weights, rollout_correction, reweight) against the spec's vectors
 (ALGORITHMS.md section 11.8, produced by running TRL's and verl's own functions) and an independent weighted loss
 with finite differences; the sampler's log-probs of both decoding paths against Hugging Face's own warpers; the
 mismatch of a bf16 decoder on the CPU; and what a run logs, refuses and inherits."""
@@ -9,15 +9,12 @@ import os
 import pytest
 import torch
 
-import common
+from grpo_family import decoder, gsm8k, loading, logprobs, rollout, tiny
 import dapo
-import decoder
 import dpo
 import grpo
-import gsm8k
-import tiny
 from conftest import F64, ROOT, assert_finite_differences, cli_error, run, toy11, value_and_dj
-from test_diff import TRAINERS
+from tools import trainers
 
 CPU = torch.device("cpu")
 EPS = 0.2
@@ -31,10 +28,10 @@ def weighted_loss(new, old, mask, A, w):
 
 
 def corrected(mode, rc_min, rc_max):
-    """(loss value of the weighted loss, dJ through common.reweight, w, toy) for one mode on section 11's toy."""
+    """(loss value of the weighted loss, dJ through rollout.reweight, w, toy) for one mode on section 11's toy."""
     new, old, _, mu, mask, _, A = toy11()
-    w = common.correction_weights(old - mu, mask, mode, rc_min, rc_max) if mode != "none" else torch.ones_like(new)
-    logp = common.reweight(new, None if mode == "none" else w, slice(None))
+    w = rollout.correction_weights(old - mu, mask, mode, rc_min, rc_max) if mode != "none" else torch.ones_like(new)
+    logp = rollout.reweight(new, None if mode == "none" else w, slice(None))
     loss, _ = dapo.policy_loss(logp, old, None, A, mask, EPS, EPS, 0.0, mask.sum())  # TRL "dapo" = verl token-mean
     _, dj = value_and_dj(loss, new)
     return weighted_loss(new.detach(), old, mask, A, w).item(), dj, w, (new, old, mask, A)
@@ -85,19 +82,19 @@ def test_extreme_ratios_give_finite_weights():
     log_ratio = torch.tensor([[800.0, 1.0], [-800.0, 0.0], [0.3, 900.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])  # the 900 is padding: it must not count
     for mode in ("token_tis", "seq_tis", "token_mask", "seq_mask"):
-        w = common.correction_weights(log_ratio, mask, mode, 0.5, 2.0)
+        w = rollout.correction_weights(log_ratio, mask, mode, 0.5, 2.0)
         assert torch.isfinite(w).all(), mode
-    assert common.correction_weights(log_ratio, mask, "seq_tis", 0.5, 2.0)[:, 0].tolist() == \
+    assert rollout.correction_weights(log_ratio, mask, "seq_tis", 0.5, 2.0)[:, 0].tolist() == \
         pytest.approx([2.0, 0.0, math.exp(0.3)])
-    assert common.correction_weights(log_ratio, mask, "seq_mask", 0.5, 2.0)[:, 0].tolist() == \
+    assert rollout.correction_weights(log_ratio, mask, "seq_mask", 0.5, 2.0)[:, 0].tolist() == \
         pytest.approx([0.0, 0.0, math.exp(0.3)])
 
 
 def test_reweight_keeps_the_value_and_scales_every_term_of_grpo():
     """With β > 0 too: the KL term's gradient is weighted like the surrogate's (docs/rollout_correction.md)."""
     new, old, ref, mu, mask, _, A = toy11()
-    w = common.correction_weights(old - mu, mask, "token_tis", 0.5, 2.0)
-    logp = common.reweight(new, w, slice(None))
+    w = rollout.correction_weights(old - mu, mask, "token_tis", 0.5, 2.0)
+    logp = rollout.reweight(new, w, slice(None))
     assert torch.equal(logp, new)
     loss, _ = grpo.policy_loss(logp, old, ref, A, mask, 0.2, 0.04)
     _, dj = value_and_dj(loss, new)
@@ -108,7 +105,7 @@ def test_reweight_keeps_the_value_and_scales_every_term_of_grpo():
     manual = -((w * per_token * mask).sum(1) / mask.sum(1)).mean()  # per-token loss x w, then GRPO's means
     _, want = value_and_dj(manual, new2)
     torch.testing.assert_close(dj, want, atol=1e-15, rtol=0)
-    assert common.reweight(new, None, slice(None)) is new  # none: the loss sees log π_θ itself
+    assert rollout.reweight(new, None, slice(None)) is new  # none: the loss sees log π_θ itself
 
 
 # -----------------------------------------------------------------------------
@@ -117,9 +114,9 @@ def test_reweight_keeps_the_value_and_scales_every_term_of_grpo():
 
 @pytest.fixture(scope="module")
 def setup(tiny_dir):
-    tok, model = common.load_tokenizer(tiny_dir), common.load_model(tiny_dir, CPU)
+    tok, model = loading.tokenizer(tiny_dir), loading.model(tiny_dir, CPU)
     prompts = [gsm8k.build_prompt(tok, p["question"], "") for p in tiny.dataset("test")[:6]]
-    ids, mask = common.tokenize_prompts(tok, prompts, CPU)
+    ids, mask = rollout.tokenize_prompts(tok, prompts, CPU)
     return model, tok, ids, mask
 
 
@@ -144,12 +141,12 @@ def warped_logprobs(model, r, temperature, top_p):
 def test_sampler_logprobs_are_the_sampling_distribution(setup, fast, temperature, top_p):
     model, tok, ids, mask = setup
     torch.manual_seed(3)
-    r = common.generate(model, tok, ids, mask, 4, 24, temperature, top_p, fast=fast, logprobs=True)
+    r = rollout.generate(model, tok, ids, mask, 4, 24, temperature, top_p, fast=fast, logprobs=True)
     m = r.completion_mask.bool()
     assert m.sum() > 200 and torch.equal(r.sampler_logp[~m], torch.zeros(int((~m).sum())))
     torch.testing.assert_close(r.sampler_logp, warped_logprobs(model, r, temperature, top_p), atol=2e-5, rtol=0)
     if top_p < 1:  # the cut renormalises: μ gives the kept tokens more than the trainer's π_old does
-        old, _ = common.batched_logprobs(common.Policy(model), r, 64, temperature)
+        old, _ = logprobs.batched(logprobs.Policy(model), r, 64, temperature)
         assert ((r.sampler_logp - old)[m] > -1e-5).all() and ((r.sampler_logp - old)[m] > 1e-3).any()
 
 
@@ -159,16 +156,16 @@ def test_a_bf16_decoder_on_the_cpu_shows_the_mismatch(setup, capsys):
     sizes = {}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(5)
-        out, mu = decoder.fast_decode(model, ids, mask, 32, common.eos_token_ids(model, tok), tok.pad_token_id,
+        out, mu = decoder.fast_decode(model, ids, mask, 32, rollout.eos_token_ids(model, tok), tok.pad_token_id,
                                       group_size=8, return_logprobs=True, dtype=dtype)
-        r = common.make_rollout(tok, ids.repeat_interleave(8, 0), mask.repeat_interleave(8, 0), out,
-                                common.eos_token_ids(model, tok), mu)
-        old, _ = common.batched_logprobs(common.Policy(model), r, 64, 1.0)
+        r = rollout.make_rollout(tok, ids.repeat_interleave(8, 0), mask.repeat_interleave(8, 0), out,
+                                rollout.eos_token_ids(model, tok), mu)
+        old, _ = logprobs.batched(logprobs.Policy(model), r, 64, 1.0)
         sums = {}
-        assert common.rollout_correction(r, old, type("C", (), {"rollout_correction": "none"}), sums) is None
+        assert rollout.correction(r, old, type("C", (), {"rollout_correction": "none"}), sums) is None
         sizes[dtype] = {k: s / n for k, (s, n) in sums.items()}
         sums = {}
-        common.rollout_correction(r, old, type("C", (), {"rollout_correction": "token_mask", "rc_min": 0.9,
+        rollout.correction(r, old, type("C", (), {"rollout_correction": "token_mask", "rc_min": 0.9,
                                                          "rc_max": 1.1}), sums)
         sizes[dtype]["masked"] = sums["rc_masked"][0] / sums["rc_masked"][1]
     with capsys.disabled():
@@ -206,11 +203,11 @@ def test_dpo_has_no_ratio_to_correct(capsys, monkeypatch):
                                                                    capsys, monkeypatch)
 
 
-@pytest.mark.parametrize("name", ["grpo.py", *sorted(n for n in TRAINERS if n != "dpo.py")])
+@pytest.mark.parametrize("name", [f"{n}.py" for n in trainers.TRAINERS if n != "dpo"])
 def test_every_ratio_trainer_inherits_the_skeleton_lines(name):
     src = open(os.path.join(ROOT, name)).read()
     g = open(os.path.join(ROOT, "grpo.py")).read()
-    for key in ("    rollout_correction: str", "    rc_min: float", "    rc_max: float", "is_w = common.rollout_correction(",
-                "logp = common.reweight(logp, is_w, ix)"):
+    for key in ("    rollout_correction: str", "    rc_min: float", "    rc_max: float", "is_w = rollout.correction(",
+                "logp = rollout.reweight(logp, is_w, ix)"):
         line = next(l for l in g.splitlines() if key in l)
         assert src.count(line) == 1, (name, line)

@@ -63,16 +63,15 @@ def test_a_diverged_update_stops_the_run_and_is_never_saved(tmp_path, tiny_dir):
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, tiny_dir):
-    import common
     import grpo
     from conftest import single_process
-    lm = common.load_model(tiny_dir, torch.device("cpu"))
+    lm = loading.model(tiny_dir, torch.device("cpu"))
     (tmp_path / "run_id").write_text("r")
     with torch.no_grad():
         next(lm.parameters())[0, 0] = float("inf")
     cfg = grpo.Config(run_dir=str(tmp_path), lr=0.5)
-    with pytest.raises(common.UserError, match=r"step 3: the weights are not finite.*--lr=0.5"):
-        common.save_checkpoint(str(tmp_path), 3, lm, common.load_tokenizer(tiny_dir),
+    with pytest.raises(config.UserError, match=r"step 3: the weights are not finite.*--lr=0.5"):
+        checkpoint.save(str(tmp_path), 3, lm, loading.tokenizer(tiny_dir),
                                torch.optim.AdamW(lm.parameters()), cfg, single_process())
     assert sorted(x.name for x in tmp_path.iterdir()) == ["run_id"]  # no ckpt dir, no `latest`
 
@@ -80,7 +79,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_dir):
 # -----------------------------------------------------------------------------
 # 4. signs and numbers: a dash before a number is a minus or makes it unreadable, never dropped
 
-import gsm8k  # noqa: E402
+from grpo_family import checkpoint, config, gsm8k, loading, rollout
 
 
 @pytest.mark.parametrize("completion", [
@@ -131,10 +130,9 @@ def test_a_model_dir_or_a_foreign_dir_is_never_a_run_dir(tmp_path, tiny_dir):
 
 @pytest.mark.parametrize("named", ["/etc", "../elsewhere/ckpt-000001", "ckpt-000001/../..", ""])
 def test_latest_is_never_followed_out_of_the_run_dir(tmp_path, named):
-    import common
     (tmp_path / "latest").write_text(named)
-    with pytest.raises(common.UserError, match="not one of this run dir's ckpt-\\* dirs"):
-        common.resolve_latest(str(tmp_path))
+    with pytest.raises(config.UserError, match="not one of this run dir's ckpt-\\* dirs"):
+        checkpoint.resolve_latest(str(tmp_path))
 
 
 def test_a_resumed_run_reads_as_one_run_and_another_trainer_cannot_resume_it(tmp_path, tiny_dir):
@@ -180,19 +178,18 @@ def test_sample_and_eval_refuse_bad_values_in_one_line(script, argv, words, caps
     (["--repeats=0"], "--repeats=0"), (["--threads=-1"], "--threads=-1"), (["--temperature=0"], "(0, inf)"),
     (["--device=tpu"], "{auto, cpu, cuda}"), (["--beta=nan"], "--beta=nan"), (["--top_p=0"], "(0, 1]")])
 def test_bench_refuses_bad_values_in_one_line(argv, words, capsys, monkeypatch):
-    import bench
+    from tools import bench
     from conftest import cli_error
     assert words in cli_error(bench, ["--tiny", *argv], capsys, monkeypatch)  # before: a traceback, or accepted
 
 
 def test_damaged_checkpoint_contents_are_one_line_errors(tmp_path, tiny_dir):
-    import common
     import grpo
     from conftest import single_process
     run_dir = tmp_path / "run"
     run(["python", "grpo.py", *FAST, "--num_steps=1", f"--run_dir={run_dir}"])
     ckpt = run_dir / "ckpt-000001"
-    opt = torch.optim.AdamW(common.load_model(tiny_dir, torch.device("cpu")).parameters())
+    opt = torch.optim.AdamW(loading.model(tiny_dir, torch.device("cpu")).parameters())
     good = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     for change, words in [(lambda s: s.pop("world_size"), "world_size missing"),  # before: KeyError 'world_size'
                           (lambda s: s.update(step="2"), "step missing or of the wrong type"),
@@ -200,32 +197,31 @@ def test_damaged_checkpoint_contents_are_one_line_errors(tmp_path, tiny_dir):
         state = dict(good)
         change(state)
         torch.save(state, ckpt / "trainer_state.pt")
-        with pytest.raises(common.UserError, match=words):
-            common.load_trainer_state(str(ckpt), opt, single_process())
+        with pytest.raises(config.UserError, match=words):
+            checkpoint.restore(str(ckpt), opt, single_process())
     torch.save(good, ckpt / "trainer_state.pt")
     cfg = grpo.Config(resume=str(ckpt), run_dir=str(tmp_path / "new"), num_steps=5)
     saved = (ckpt / "run_config.json").read_text()
     for text in ['{"config": {}, "run_id": "r", "step": "2"}', "{}", '{"config": [1], "run_id": "r", "step": 1}', "[1]"]:
         (ckpt / "run_config.json").write_text(text)  # before: TypeError or KeyError tracebacks
-        with pytest.raises(common.UserError, match="run_config.json: damaged or not written by this project"):
-            common.start_run(cfg, single_process())
+        with pytest.raises(config.UserError, match="run_config.json: damaged or not written by this project"):
+            checkpoint.start_run(cfg, single_process())
     (ckpt / "run_config.json").write_text(saved)
 
 
 def test_sample_prompt_files_that_would_crash_later_are_refused_first(tmp_path):
-    import common
     import sample
     binary = tmp_path / "q.txt"
     binary.write_bytes(b"\xff\xfe\x00\x01 what")  # before: UnicodeDecodeError traceback
-    with pytest.raises(common.UserError, match="not UTF-8 text"):
+    with pytest.raises(config.UserError, match="not UTF-8 text"):
         sample.read_prompt_file(str(binary))
     binary.write_bytes(b"What is 2+2?\x00\x00\n")
-    with pytest.raises(common.UserError, match="NUL bytes"):
+    with pytest.raises(config.UserError, match="NUL bytes"):
         sample.read_prompt_file(str(binary))
     jl = tmp_path / "q.jsonl"
     for answer in ['"two"', "true", '"####"', "[1]"]:  # before: a crash after generating every completion
         jl.write_text('{"question": "a", "answer": 2}\n{"question": "b", "answer": %s}\n' % answer)
-        with pytest.raises(common.UserError, match=r"q.jsonl:2: 'answer' .* is not a number"):
+        with pytest.raises(config.UserError, match=r"q.jsonl:2: 'answer' .* is not a number"):
             sample.read_prompt_file(str(jl))
     jl.write_text('{"question": "a", "answer": 2}\n{"question": "b", "answer": "3"}\n{"question": "c"}\n')
     assert [r["answer"] for r in sample.read_prompt_file(str(jl))] == ["#### 2", "#### 3", None]
@@ -253,8 +249,6 @@ def test_seeds_and_gtpo_entropy_are_checked(module, argv, words, capsys, monkeyp
 # 5. a full disk or a read-only run dir during a save: one line naming the path, `latest` intact, no partial copy
 import errno  # noqa: E402
 
-import checkpoint  # noqa: E402
-import common  # noqa: E402
 import grpo  # noqa: E402
 from conftest import cli_error  # noqa: E402
 
@@ -273,7 +267,7 @@ def test_a_save_that_cannot_write_stops_in_one_line_and_keeps_latest(where, code
     monkeypatch.setattr(checkpoint.os if where == "makedirs" else checkpoint.torch, where.split(".")[-1], failing)
     monkeypatch.setattr(sys, "argv", ["grpo.py", *FAST, "--num_steps=2", "--save_every=1", f"--run_dir={run_dir}"])
     with pytest.raises(SystemExit) as exc:
-        common.run(grpo.main)
+        config.run(grpo.main)
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]  # the lines before it are the progress bar's
     assert exc.value.code == 2 and "Traceback" not in err and line.startswith("grpo.py: error: "), err[-3000:]
@@ -289,7 +283,7 @@ def test_a_prompt_past_the_context_length_is_refused_before_generating(tmp_path,
     import sample
     prompts = tmp_path / "q.txt"
     prompts.write_text("What is 2+2?\n" + "what is 3+3? " * 240_000 + "\n")  # a 3 MB line (before: never checked)
-    monkeypatch.setattr(common, "generate", lambda *a, **k: pytest.fail("generated before checking the prompts"))
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: pytest.fail("generated before checking the prompts"))
     line = cli_error(sample, ["--tiny", f"--prompt_file={prompts}", "--max_new_tokens=32"], capsys, monkeypatch)
     assert "prompt 2 is " in line and "context of 512 tokens" in line and "--max_new_tokens=32" in line, line
     prompts.write_text("What is 2+2?\n" + "x" * 470 + "\n")  # fits alone, not with 64 new tokens

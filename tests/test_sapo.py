@@ -284,7 +284,7 @@ def test_smoke_tiny(tiny_dir, tmp_path):
 
 
 def test_smoke_tiny_ddp_gloo(tiny_dir, tmp_path):
-    # sapo.py ends with common.check_replicas: both ranks must hold identical weights
+    # sapo.py ends with distributed.check_replicas: both ranks must hold identical weights
     run_dir = str(tmp_path / "run")
     p = run(torchrun(2, "sapo.py", "--tiny", "--num_steps=2", "--batch_prompts=8", "--eval_problems=8",
                      f"--run_dir={run_dir}"))

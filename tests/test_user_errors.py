@@ -13,21 +13,22 @@ from fractions import Fraction
 import pytest
 import torch
 
-import common
-import evaluation
+from grpo_family import checkpoint, config, evaluation, gsm8k, loading
 import grpo
-import gsm8k
 from conftest import ROOT, cli_error, run, single_process
 
 FAST = ["--tiny", "--batch_prompts=4", "--group_size=4", "--eval_problems=8", "--eval_every=0"]
 
 
 def fails(argv, *words, script="grpo.py"):
-    """Run `script argv`; assert exit status 2 and one stderr line, no traceback, naming every word."""
-    p = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """Run `script argv` (a tool as `python -m tools.<name>`); assert exit status 2 and one stderr line, no
+    traceback, naming every word."""
+    tool = script.startswith("tools/")
+    cmd = [sys.executable, "-m", script[:-3].replace("/", ".")] if tool else [sys.executable, script]
+    p = subprocess.run([*cmd, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2, f"exit {p.returncode}, expected 2\n{p.stderr[-3000:]}"
-    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), p.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"{os.path.basename(script)}: error: "), p.stderr[-3000:]
     for w in words:
         assert w in lines[0], (w, lines[0])
     return lines[0]
@@ -35,7 +36,7 @@ def fails(argv, *words, script="grpo.py"):
 
 def user_error(argv, match, main=grpo.main, monkeypatch=None):
     """Call a script's main() in process with argv; assert it raises a UserError matching `match`."""
-    with pytest.raises((common.UserError, gsm8k.DataError), match=match):
+    with pytest.raises((config.UserError, gsm8k.DataError), match=match):
         monkeypatch.setattr(sys, "argv", ["grpo.py", *argv])
         main()
 
@@ -190,13 +191,13 @@ def fake_checkpoint(run_dir, step, run_id):
 
 
 def test_cleanup_deletes_only_this_runs_checkpoints(tiny_dir, tmp_path):
-    lm, tok = common.load_model(tiny_dir, torch.device("cpu")), common.load_tokenizer(tiny_dir)
+    lm, tok = loading.model(tiny_dir, torch.device("cpu")), loading.tokenizer(tiny_dir)
     cfg = grpo.Config(run_dir=str(tmp_path))
     fake_checkpoint(tmp_path, 1, "someone-else")  # another run's checkpoint, e.g. copied in by hand
     (tmp_path / "run_id").write_text("me")
     opt = torch.optim.AdamW(lm.parameters())
     for step in (5, 6, 7):
-        common.save_checkpoint(str(tmp_path), step, lm, tok, opt, cfg, single_process())
+        checkpoint.save(str(tmp_path), step, lm, tok, opt, cfg, single_process())
     assert sorted(x for x in os.listdir(tmp_path) if x.startswith("ckpt")) == ["ckpt-000001", "ckpt-000006",
                                                                                  "ckpt-000007"]
     assert (tmp_path / "latest").read_text() == "ckpt-000007"
@@ -206,18 +207,18 @@ def test_a_crash_while_re_saving_leaves_latest_loadable(tmp_path):
     # the window: the old copy renamed away, the complete new one still in .tmp (before: latest named nothing)
     fake_checkpoint(tmp_path, 3, "me").rename(tmp_path / "ckpt-000003.tmp")
     (tmp_path / "latest").write_text("ckpt-000003")
-    assert common.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-000003.tmp")
-    assert common.model_path(str(tmp_path), single_process()) == str(tmp_path / "ckpt-000003.tmp")
+    assert checkpoint.find(str(tmp_path)) == str(tmp_path / "ckpt-000003.tmp")
+    assert loading.model_path(str(tmp_path), single_process()) == str(tmp_path / "ckpt-000003.tmp")
 
 
 def test_damaged_checkpoint_files_are_named(tmp_path):
     ckpt = fake_checkpoint(tmp_path, 2, "me")  # trainer_state.pt holds two bytes: not a torch file
-    with pytest.raises(common.UserError, match=r"trainer_state.pt: cannot read this checkpoint file"):
-        common.load_trainer_state(str(ckpt), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+    with pytest.raises(config.UserError, match=r"trainer_state.pt: cannot read this checkpoint file"):
+        checkpoint.restore(str(ckpt), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
                                   single_process())
     (ckpt / "run_config.json").write_text("{not json")
-    with pytest.raises(common.UserError, match=r"run_config.json: cannot read the checkpoint's settings"):
-        common.start_run(grpo.Config(resume=str(ckpt), run_dir=str(tmp_path / "new")), single_process())
+    with pytest.raises(config.UserError, match=r"run_config.json: cannot read the checkpoint's settings"):
+        checkpoint.start_run(grpo.Config(resume=str(ckpt), run_dir=str(tmp_path / "new")), single_process())
 
 
 # -----------------------------------------------------------------------------
@@ -228,11 +229,11 @@ def test_a_single_data_file_is_not_used_as_held_out_data(tmp_path, monkeypatch):
     rows = [{"question": "q", "answer": "#### 1"}]
     (tmp_path / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
     cfg = grpo.Config(data_path=str(tmp_path / "train.jsonl"))
-    assert common.load_problems(cfg, "train") == rows
-    with pytest.raises(common.UserError, match="single file, so nothing is held out.*--test_path"):
-        common.load_problems(cfg, "test")  # before: the training file, evaluated as "held-out"
+    assert loading.problems(cfg, "train") == rows
+    with pytest.raises(config.UserError, match="single file, so nothing is held out.*--test_path"):
+        loading.problems(cfg, "test")  # before: the training file, evaluated as "held-out"
     cfg.test_path = str(tmp_path / "train.jsonl")
-    assert common.load_problems(cfg, "test") == rows
+    assert loading.problems(cfg, "test") == rows
 
 
 def test_tiny_honours_an_explicit_model(monkeypatch, tmp_path):
@@ -248,8 +249,8 @@ def test_tiny_honours_an_explicit_model(monkeypatch, tmp_path):
 ])
 def test_out_of_range_settings_stop_before_anything_runs(flag, value):
     # before: each either crashed deep in torch after work was done, or was accepted
-    with pytest.raises(common.UserError, match=f"--{flag}={value}.* out of range: it must be in"):
-        common.parse_config(grpo.Config, ["--tiny", f"--{flag}={value}"], tiny=grpo.TINY)
+    with pytest.raises(config.UserError, match=f"--{flag}={value}.* out of range: it must be in"):
+        config.parse(grpo.Config, ["--tiny", f"--{flag}={value}"], tiny=grpo.TINY)
 
 
 def test_user_errors_exit_2_with_one_line():
@@ -279,23 +280,23 @@ def test_data_errors_exit_2_from_the_trainer(tmp_path):
 
 def test_model_load_errors_keep_their_cause(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')  # a local dir with no weights in it
-    with pytest.raises(common.UserError, match=f"cannot load the model in {tmp_path}: OSError") as e:
-        common.load_model(str(tmp_path), torch.device("cpu"))
+    with pytest.raises(config.UserError, match=f"cannot load the model in {tmp_path}: OSError") as e:
+        loading.model(str(tmp_path), torch.device("cpu"))
     assert "hub" not in str(e.value)  # before: every OSError read "not on the hub or no network"
 
 
 def test_a_run_dir_without_latest_is_named_as_such(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # what a run writes before its first checkpoint
     (tmp_path / "metrics.jsonl").write_text("")
-    with pytest.raises(common.UserError, match="a run dir with no `latest` checkpoint yet"):
-        common.model_path(str(tmp_path), single_process())  # before: a tokenizer error about sentencepiece
+    with pytest.raises(config.UserError, match="a run dir with no `latest` checkpoint yet"):
+        loading.model_path(str(tmp_path), single_process())  # before: a tokenizer error about sentencepiece
 
 
 def test_sample_prompt_file_errors_give_the_real_line(tmp_path, monkeypatch):
     import sample
     path = tmp_path / "p.jsonl"
     path.write_text('{"question": "a"}\n\n\n{"question": 3}\n')
-    with pytest.raises(common.UserError, match=r"p.jsonl:4: expected a JSON object with a string field"):
+    with pytest.raises(config.UserError, match=r"p.jsonl:4: expected a JSON object with a string field"):
         sample.read_prompt_file(str(path))  # before: "line 2" (blank lines were skipped before numbering)
     path.write_text('{"question": "a"}\n\n{oops\n')
     with pytest.raises(gsm8k.DataError, match=r"p.jsonl:3: not valid JSON"):

@@ -2,10 +2,12 @@
 lora.py: LoRA adapters (--lora_rank), so that one consumer GPU trains the 1.5B model.
 
     add(lm, rank, ckpt)     freeze the base; put rank-r adapters (peft) on every linear layer of the decoder
+    config, has_adapters    the adapter's settings as peft stores them; whether adapters sit in a model
     disabled(lm)            a context in which the network is its base model: the reference, with no copy
-    AdaptersOff             that reference as the module common.batched_logprobs calls
+    AdaptersOff             that reference as the module logprobs.batched calls
     linear_weight(module)   a linear layer's weight with its active adapters merged in (the fast rollout)
     save(lm, out), load     a merged Hugging Face model dir plus the adapter in out/adapter; the adapter back
+    merged_state_dict       the weights with every adapter merged in, named as the plain model names them
 
 Defaults, from "LoRA Without Regret" (Schulman et al., Thinking Machines, 2025) as TRL's guide to it
 reproduces for GRPO: adapters on every linear layer of the decoder (attention-only LoRA underperforms at

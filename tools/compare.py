@@ -4,13 +4,16 @@ draws one figure (held-out accuracy, reward, response length, entropy, clip or g
 against step; mean and spread over seeds) and writes one table (final accuracy mean ± std, steps to
 a threshold, wall time).
 
-    python compare.py                          # every trainer x 3 seeds on the tiny default (CPU)
-    python compare.py --seeds=1 --algos=grpo,gspo
-    python compare.py --logs_only --out_dir=runs/gpu   # only read logs: <out_dir>/<algo>-s<seed>/metrics.jsonl
+    python -m tools.compare                          # every trainer x 3 seeds on the tiny default (CPU)
+    python -m tools.compare --seeds=1 --algos=grpo,gspo
+    python -m tools.compare --logs_only --out_dir=runs/gpu   # only read logs: <out_dir>/<algo>-s<seed>/metrics.jsonl
 
 --logs_only reads runs made elsewhere, e.g. GPU runs of `torchrun --nproc_per_node=2 gspo.py
 --run_dir=runs/gpu/gspo-s0 --seed=0`: any run dir named <algo>-s<seed> under out_dir.
 Plotting needs matplotlib (`pip install matplotlib`); without it the table is still written.
+
+What it holds: Config; run_all (every run, `jobs` at a time); load_runs, series, wall_time (reading the logs);
+trust_region (clip fraction, or SAPO's gate); plot and the table (main).
 """
 import json
 import math
@@ -22,16 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-import common
+from grpo_family import config, distributed, loading
+from tools import trainers
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-ALGOS = ["grpo", "dapo", "gspo", "sapo", "gfpo", "gtpo", "ppo", "dpo", "drgrpo", "cispo", "rloo", "maxrl",
-         "gmpo", "gdpo", "dppo", "reinforcepp"]
 
 
 @dataclass
 class Config:
-    algos: str = ",".join(ALGOS)  # comma-separated trainers to compare
+    algos: str = ",".join(trainers.TRAINERS)  # comma-separated trainers to compare
     seeds: int = 3  # seeds 0 .. seeds-1 for every trainer
     out_dir: str = "runs/compare"  # one run dir per (trainer, seed): <out_dir>/<algo>-s<seed>
     jobs: int = 2  # trainer processes at once (each gets OMP_NUM_THREADS = cores / jobs)
@@ -59,7 +60,8 @@ PANELS = [("held-out greedy accuracy", lambda r: r.get("eval/strict")),
 
 def run_all(cfg, algos):
     """Launch every (trainer, seed) run, `jobs` at a time; returns {run_dir: wall seconds}."""
-    common.model_path("tiny", common.Dist(False, 0, 0, 1, torch.device("cpu"), True))  # build once, before runs race
+    one_cpu = distributed.Dist(False, 0, 0, 1, torch.device("cpu"), True)
+    loading.model_path("tiny", one_cpu)  # the tiny model built once, before the runs race to build it
     todo = [(a, s) for s in range(cfg.seeds) for a in algos]
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -69,10 +71,10 @@ def run_all(cfg, algos):
             algo, seed = todo.pop(0)
             run_dir = os.path.join(cfg.out_dir, f"{algo}-s{seed}")
             os.makedirs(run_dir, exist_ok=True)
-            cmd = [sys.executable, os.path.join(ROOT, f"{algo}.py"), "--tiny", f"--seed={seed}",
+            cmd = [sys.executable, trainers.path(algo), "--tiny", f"--seed={seed}",
                    f"--run_dir={run_dir}", "--overwrite", *cfg.extra.split()]  # a fresh run each time
             log = open(os.path.join(run_dir, "stdout.log"), "w")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=trainers.ROOT),
                             run_dir, time.time(), log))
             print(f"started {algo} seed {seed}", flush=True)
         time.sleep(0.5)
@@ -88,7 +90,7 @@ def run_all(cfg, algos):
                     other.wait()
                     other_log.close()
                 stopped = ", ".join(os.path.basename(d) for _, d, _, _ in running) or "none"
-                raise common.UserError(f"{run_dir} failed with exit code {proc.returncode} (see {run_dir}/stdout.log); "
+                raise config.UserError(f"{run_dir} failed with exit code {proc.returncode} (see {run_dir}/stdout.log); "
                                        f"stopped the runs still going: {stopped}")
             walls[run_dir] = time.time() - t0
             with open(os.path.join(run_dir, "wall_time.json"), "w") as f:
@@ -105,18 +107,18 @@ def load_runs(out_dir, algos, seeds):
         for seed in range(seeds):
             path = os.path.join(out_dir, f"{algo}-s{seed}", "metrics.jsonl")
             if not os.path.isfile(path):
-                raise common.UserError(f"no log {path}: run without --logs_only, or copy the run dir there")
+                raise config.UserError(f"no log {path}: run without --logs_only, or copy the run dir there")
             rows = []
             for n, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise common.UserError(f"{path}:{n}: not a JSON line ({e.msg}): the run's log is damaged; run "
+                    raise config.UserError(f"{path}:{n}: not a JSON line ({e.msg}): the run's log is damaged; run "
                                            "it again without --logs_only") from None
                 if not isinstance(rows[-1], dict) or not isinstance(rows[-1].get("step"), int):
-                    raise common.UserError(f"{path}:{n}: not a metrics row (no integer 'step'); run it again")
+                    raise config.UserError(f"{path}:{n}: not a metrics row (no integer 'step'); run it again")
             if not any("eval/strict" in r for r in rows):
-                raise common.UserError(f"{path} holds no held-out evaluation (an empty or unfinished run): run it "
+                raise config.UserError(f"{path} holds no held-out evaluation (an empty or unfinished run): run it "
                                        "again without --logs_only")
             runs.setdefault(algo, []).append(rows)
     return runs
@@ -153,8 +155,8 @@ def table(cfg, runs):
         std = math.sqrt(sum((x - mean) ** 2 for x in final) / len(final))
         reach = [next((r["step"] for r in e if r["eval/strict"] >= cfg.threshold), None) for e in evals]
         hit = [x for x in reach if x is not None]
-        reach_txt = (f"{sum(hit) / len(hit):.0f}" + (f" ({len(hit)}/{len(reach)} seeds)" if len(hit) < len(reach) else "")
-                     if hit else "not reached")
+        seeds = f" ({len(hit)}/{len(reach)} seeds)" if len(hit) < len(reach) else ""
+        reach_txt = f"{sum(hit) / len(hit):.0f}{seeds}" if hit else "not reached"
         lengths = [rows[-1].get("response_length") for rows in seed_rows]
         walls = [wall_time(cfg.out_dir, algo, s) for s in range(len(seed_rows))]
         wall_txt = f"{sum(walls) / len(walls):.0f} s" if all(w is not None for w in walls) else "n/a"
@@ -198,13 +200,13 @@ def plot(cfg, runs, path):
 
 
 def main():
-    cfg = common.parse_config(Config)
+    cfg = config.parse(Config)
     algos = [a.strip() for a in cfg.algos.split(",") if a.strip()]
-    unknown = [a for a in algos if a not in ALGOS]
+    unknown = [a for a in algos if a not in trainers.TRAINERS]
     if unknown or not algos:
-        raise common.UserError(f"unknown trainer(s) {unknown} in --algos; choose from {ALGOS}")
+        raise config.UserError(f"unknown trainer(s) {unknown} in --algos; choose from {trainers.TRAINERS}")
     if cfg.seeds < 1 or cfg.jobs < 1:
-        raise common.UserError("--seeds and --jobs must be at least 1")
+        raise config.UserError("--seeds and --jobs must be at least 1")
     t0 = time.time()
     if not cfg.logs_only:
         run_all(cfg, algos)
@@ -216,10 +218,10 @@ def main():
     with open(summary, "w") as f:
         f.write(text + "\n")
     print(text)
-    print(f"\ntable: {summary}" + (f"\nfigure: {fig_path}" if drew else "") +
-          ("" if cfg.logs_only else f"\ntotal wall time {time.time() - t0:.0f}s for {len(algos)} trainers x {cfg.seeds} seeds, "
-                                    f"{cfg.jobs} at a time"))
+    wall = "" if cfg.logs_only else (f"\ntotal wall time {time.time() - t0:.0f}s for {len(algos)} trainers x "
+                                     f"{cfg.seeds} seeds, {cfg.jobs} at a time")
+    print(f"\ntable: {summary}" + (f"\nfigure: {fig_path}" if drew else "") + wall)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

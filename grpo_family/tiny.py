@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from gsm8k import build_prompt
+from grpo_family.gsm8k import build_prompt
 
 NAMES = ["Ann", "Ben", "Sam", "Mia", "Tom", "Eva", "Leo", "Zoe"]
 THINGS = ["apples", "pens", "cards", "coins", "books", "eggs"]
@@ -126,7 +126,8 @@ def sft_examples(n, seed=0, p_stop_early=0.6, p_no_hash=0.15):
     out = []
     for i in range(n):
         q = rows[i % len(rows)]["question"]
-        steps = [(l.split("=")[0], int(l.split("=")[1])) for l in rows[i % len(rows)]["answer"].splitlines() if "=" in l]
+        lines = rows[i % len(rows)]["answer"].splitlines()
+        steps = [(l.split("=")[0], int(l.split("=")[1])) for l in lines if "=" in l]
         out.append((q, solution(steps, stop_early=rng.random() < p_stop_early, hash_line=rng.random() >= p_no_hash)))
     return out
 

@@ -9,6 +9,7 @@ gsm8k.py: the GSM8K task, as nanochat keeps tasks/gsm8k.py: loading, prompts, an
     extract_last_number             no match, never a different number
     correctness_reward,             the reward terms: '####' answer right, last line well formed,
     format_reward, lenient_correct  last number right
+    reference_answer                a problem's reference answer, read from its '#### N' line
 """
 import json
 import os
@@ -53,8 +54,8 @@ def read_jsonl(path):
                 try:
                     rows.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be one "
-                                    "JSON object such as {\"question\": \"...\", \"answer\": \"... #### 18\"}") from None
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be "
+                                    'one JSON object such as {"question": "...", "answer": "... #### 18"}') from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     return rows
@@ -200,12 +201,14 @@ def _read(m, text):
     if m.end() - m.start() > _MAX_NUMBER:
         return None  # longer than any answer (the window may have cut it): unreadable
     after = _SKIP.match(text, m.end(), m.end() + _NEAR).end()
-    if after < len(text) and (text[after].isnumeric() or (text[after] in _JOINERS and text[after + 1:after + 2].isdigit())):
+    joined = text[after:after + 1] in _JOINERS and text[after + 1:after + 2].isdigit()
+    if after < len(text) and (text[after].isnumeric() or joined):
         return None  # '1 234', '1\u200b234', '1.5.3', '3/4/5', '1_000', '3\u00bd': more number follows
     before = text[max(0, m.start() - _NEAR):m.start()].rstrip(_BLANK)[-2:]
     if before[-1:].isnumeric() or (before[-1:] in _JOINERS and before[:1].isdigit()):
         return None  # '1 234' read from its second group
-    if _dash_before(text, m.start()) or text[max(0, m.start() - 2):m.start()] == "}{" or text[m.end():m.end() + 2] == "}{":
+    latex = text[max(0, m.start() - 2):m.start()] == "}{" or text[m.end():m.end() + 2] == "}{"
+    if _dash_before(text, m.start()) or latex:
         return None  # an unread minus ('\u2013 3', '-\u00a03'), or LaTeX's \frac{3}{4} read as 3 or 4
     negative = m.group("sign") is not None
     if m.group("num") is not None:  # a mixed number a b/c, with b < c
@@ -238,7 +241,8 @@ def parse_number(text):
     if d is None:
         return None
     p = d.start()  # a token starts at most 4 characters before its first digit ('-$ .5')
-    m = next(m for s in range(max(0, p - 4), p + 1) if (m := _TOKEN.match(text, s, p + _MAX_NUMBER + _NEAR)) and m.end() > p)
+    m = next(m for s in range(max(0, p - 4), p + 1)
+             if (m := _TOKEN.match(text, s, p + _MAX_NUMBER + _NEAR)) and m.end() > p)
     return _read(m, text)
 
 

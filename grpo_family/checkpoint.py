@@ -1,11 +1,12 @@
 """
-checkpoint.py: checkpoints and run dirs, the plumbing of saving and resuming (common.py re-exports these names,
-so a trainer calls common.save_checkpoint as before).
+checkpoint.py: checkpoints and run dirs, the plumbing of saving and resuming.
 
     start_run           check the run dir (only this project's run files) and the resume point before anything loads
-    save_checkpoint     ckpt-N: Hugging Face weights + trainer state + RNG, atomically; `latest` names a complete one
-    resolve_latest      a run dir's `latest`, never followed outside it; find_checkpoint: what --resume takes
-    load_trainer_state  the optimizer and RNG state back, every file loaded as plain data (weights_only)
+    save                ckpt-N: Hugging Face weights + trainer state + RNG, atomically; `latest` names a complete one;
+                        further networks (PPO's critic) and their optimizers saved whole beside the policy's
+    restore             the optimizer, RNG and further networks' state back, every file loaded as plain data
+    resolve_latest      a run dir's `latest`, never followed outside it; find: what --resume takes
+    run_files, read_run_config    what a run leaves in its dir; a checkpoint's saved settings
 
 A checkpoint holds plain data only (tensors, numbers, strings, lists, dicts): loading one never runs code.
 """
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import fsdp
-import lora
+from grpo_family import distributed, fsdp, logs, lora
+from grpo_family.config import UserError, run_name
 
 
 # settings a resume may change: they steer logging and saving, not the trained numbers
@@ -30,7 +31,7 @@ RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "num_steps", "eval_every"
                      "wandb_project", "dist_timeout")
 
 
-def _run_files(run_dir):
+def run_files(run_dir):
     """The work a run leaves in its dir: checkpoints (complete or not) and `latest`."""
     found = os.listdir(run_dir) if os.path.isdir(run_dir) else []
     return sorted(x for x in found if re.fullmatch(r"ckpt-\d+(\.tmp|\.old)?", x) or x == "latest")
@@ -40,30 +41,31 @@ def _check_run_dir(run_dir):
     """Refuse a run dir that holds anything but this project's run files, or run files without its run_id marker
     (a model dir, a home dir): a run writes config.json and deletes checkpoints there."""
     found = set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set()
-    ours = set(_run_files(run_dir)) | {"config.json", "metrics.jsonl", "latest.tmp"}
+    ours = set(run_files(run_dir)) | {"config.json", "metrics.jsonl", "latest.tmp"}
     foreign = sorted(found - ours - {"run_id", "stdout.log", "wall_time.json"})  # the last two: compare.py's
     if foreign or (found & ours and "run_id" not in found):
         what = f"holds files no run of this project writes ({', '.join(foreign[:3])})" if foreign else \
             "has no run_id file, so no run of this project wrote it"
-        raise common.UserError(f"run_dir {run_dir} {what}: pick a new or empty --run_dir; nothing there was changed")
+        raise UserError(f"run_dir {run_dir} {what}: pick a new or empty --run_dir; nothing there was changed")
 
 
-def _read_run_config(ckpt):
-    """The run_config.json of a checkpoint: {'config', 'run_id', 'step'}; a damaged file is a common.UserError."""
+def read_run_config(ckpt):
+    """The run_config.json of a checkpoint: {'config', 'run_id', 'step'}; a damaged file is a UserError."""
     path = os.path.join(ckpt, "run_config.json")
     try:
         with open(path) as f:
             return _fields(json.load(f), {"config": dict, "run_id": str, "step": int}, path)
     except (OSError, json.JSONDecodeError) as e:
-        raise common.UserError(f"{path}: cannot read the checkpoint's settings ({e}); resume from another ckpt-* dir") from None
+        raise UserError(f"{path}: cannot read the checkpoint's settings ({e}); resume from another "
+                        "ckpt-* dir") from None
 
 
 def _fields(obj, types, path):
-    """obj, if it is a dict holding every key of `types` with a value of that type; else a common.UserError naming path."""
+    """obj, if it is a dict holding every key of `types` with a value of that type; else a UserError naming path."""
     bad = [k for k, t in types.items() if not isinstance(obj, dict) or not isinstance(obj.get(k), t)
            or (t is int and isinstance(obj.get(k), bool))]
     if bad:
-        raise common.UserError(f"{path}: damaged or not written by this project ({', '.join(bad)} missing or of the wrong "
+        raise UserError(f"{path}: damaged or not written by this project ({', '.join(bad)} missing or of the wrong "
                         "type); resume from another ckpt-* dir")
     return obj
 
@@ -76,26 +78,26 @@ def start_run(cfg, d):
     """
     ckpt, run_id = "", None
     if cfg.resume:
-        ckpt = find_checkpoint(cfg.resume)
-        saved = _read_run_config(ckpt)
-        if saved.get("trainer", common.run_name(type(cfg))) != common.run_name(type(cfg)):
-            raise common.UserError(f"{ckpt} was written by {saved['trainer']}.py, not {common.run_name(type(cfg))}.py: resume it "
+        ckpt = find(cfg.resume)
+        saved = read_run_config(ckpt)
+        if saved.get("trainer", run_name(type(cfg))) != run_name(type(cfg)):
+            raise UserError(f"{ckpt} was written by {saved['trainer']}.py, not {run_name(type(cfg))}.py: resume it "
                             f"with {saved['trainer']}.py, or start a new run")
         now = dataclasses.asdict(cfg)
         diff = [f"--{k}={now[k]!r} (saved: {v!r})" for k, v in saved["config"].items()
                 if k in now and k not in RESUME_MAY_CHANGE and now[k] != v]
         if diff:
-            raise common.UserError(f"{ckpt} was saved with other settings; resume with the saved ones, or start a new run: "
+            raise UserError(f"{ckpt} was saved with other settings; resume with the saved ones, or start a new run: "
                             + "; ".join(diff))
         if saved["step"] >= cfg.num_steps:
-            raise common.UserError(f"{ckpt} is at step {saved['step']} and --num_steps={cfg.num_steps}: nothing to do; "
+            raise UserError(f"{ckpt} is at step {saved['step']} and --num_steps={cfg.num_steps}: nothing to do; "
                             "raise --num_steps to train further")
         run_id = saved["run_id"]
     _check_run_dir(cfg.run_dir)
-    theirs, id_file = _run_files(cfg.run_dir), os.path.join(cfg.run_dir, "run_id")
+    theirs, id_file = run_files(cfg.run_dir), os.path.join(cfg.run_dir, "run_id")
     if theirs and not (os.path.isfile(id_file) and open(id_file).read().strip() == run_id):  # another run's work
         if not cfg.overwrite:
-            raise common.UserError(f"run_dir {cfg.run_dir} already holds another run ({', '.join(theirs[:4])}): resume it "
+            raise UserError(f"run_dir {cfg.run_dir} already holds another run ({', '.join(theirs[:4])}): resume it "
                             f"with --resume={cfg.run_dir}, pick another --run_dir, or pass --overwrite to delete it")
         for x in theirs + ["metrics.jsonl", "latest.tmp"] if d.master_process else []:
             path = os.path.join(cfg.run_dir, x)
@@ -104,15 +106,15 @@ def start_run(cfg, d):
             elif os.path.exists(path):
                 os.remove(path)
     if run_id is None:  # a fresh run: a new id, the same on every rank
-        run_id = common.all_gather_objects(os.urandom(8).hex(), d)[0]
+        run_id = distributed.all_gather_objects(os.urandom(8).hex(), d)[0]
     if d.master_process:
         try:
             os.makedirs(cfg.run_dir, exist_ok=True)
             with open(id_file, "w") as f:
                 f.write(run_id)
         except OSError as e:
-            raise common.UserError(f"cannot write the run dir: {e.filename or cfg.run_dir}: {e.strerror or e}; pick "
-                                   "a writable --run_dir") from None
+            raise UserError(f"cannot write the run dir: {e.filename or cfg.run_dir}: {e.strerror or e}; pick "
+                            "a writable --run_dir") from None
         log = os.path.join(cfg.run_dir, "metrics.jsonl")
         if ckpt and os.path.isfile(log):  # steps logged after the saved one run again: keep the first telling only
             with open(log) as f:
@@ -136,22 +138,27 @@ def _all_wrote(err, d, step, where):
     if failed.item() and d.master_process and not os.path.isdir(where[:-len(".tmp")] + ".old"):
         shutil.rmtree(where, ignore_errors=True)  # a partial copy would hold the space a full disk lacks
     if err is not None:
-        raise common.UserError(f"step {step}: cannot write the checkpoint: {err.filename or where}: {err.strerror or err}; "
-                               f"free disk space or make {os.path.dirname(where)} writable, then --resume from it "
-                               "(`latest` still names the last complete checkpoint)")
+        raise UserError(f"step {step}: cannot write the checkpoint: {err.filename or where}: {err.strerror or err}; "
+                        f"free disk space or make {os.path.dirname(where)} writable, then --resume from it "
+                        "(`latest` still names the last complete checkpoint)")
     if failed.item():
-        raise common.UserError(f"step {step}: another rank could not write the checkpoint {where} (its line says why)")
+        raise UserError(f"step {step}: another rank could not write the checkpoint {where} (its line says why)")
 
 
-def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=None):
-    """Write run_dir/ckpt-{step} (HF format + trainer state, `extra` values a trainer measured) atomically;
-    keep this run's last `keep` checkpoints. At every instant `latest` names a complete checkpoint, and a write that
-    fails (a full disk, a read-only dir) stops every rank with one line, its partial copy removed."""
+def save(run_dir, step, lm, tok, optimizer, cfg, d, modules=None, extra=None, keep=2):
+    """Write run_dir/ckpt-{step} (HF format + trainer state) atomically; keep this run's last `keep` checkpoints.
+    modules: {name: (network, its optimizer)} saved whole in the trainer state beside the policy's (PPO's critic);
+    extra: values a trainer measured and needs back on a resume. At every instant `latest` names a complete
+    checkpoint, and a write that fails (a full disk, a read-only dir) stops every rank with one line, its partial
+    copy removed."""
     sharded = fsdp.is_sharded(lm)  # --fsdp: weights and AdamW's state gathered whole (every rank), rank 0 writes
     if not (fsdp.all_finite(lm, d) if sharded else all(torch.isfinite(p).all() for p in lm.parameters())):  # all stop
-        raise common.UserError(f"step {step}: the weights are not finite: the update diverged (lower --lr={cfg.lr}); "
+        raise UserError(f"step {step}: the weights are not finite: the update diverged (lower --lr={cfg.lr}); "
                         "not saved, `latest` names the last good checkpoint")
     whole = (fsdp.state_dict(lm, d), fsdp.optimizer_state(optimizer, d)) if sharded else (None, None)
+    extra = dict(extra or {})
+    for name, (module, opt) in (modules or {}).items():  # whole tensors on rank 0 (every rank gathers under --fsdp)
+        extra[name], extra[name + "_optimizer"] = fsdp.state_dict(module, d), fsdp.optimizer_state(opt, d)
     final = os.path.join(run_dir, f"ckpt-{step:06d}")
     tmp, old = final + ".tmp", final + ".old"
     run_id = open(os.path.join(run_dir, "run_id")).read().strip()
@@ -181,7 +188,7 @@ def save_checkpoint(run_dir, step, lm, tok, optimizer, cfg, d, keep=2, extra=Non
     if d.master_process:
         ours = [x for x in sorted(os.listdir(run_dir)) if re.fullmatch(r"ckpt-\d+", x)
                 and os.path.isfile(os.path.join(run_dir, x, "run_config.json"))
-                and _read_run_config(os.path.join(run_dir, x))["run_id"] == run_id]
+                and read_run_config(os.path.join(run_dir, x))["run_id"] == run_id]
         for x in ours[:-keep]:  # only this run's checkpoints are ever deleted
             shutil.rmtree(os.path.join(run_dir, x))
     if d.ddp:
@@ -201,7 +208,7 @@ def _write(tmp, final, old, run_dir, step, lm, tok, optimizer, cfg, d, run_id, e
                 "world_size": d.world_size, "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "run_config.json"), "w") as f:  # written last: tmp is complete
         json.dump({"config": dataclasses.asdict(cfg), "run_id": run_id, "step": step,
-                   "versions": common.versions(cfg), "trainer": common.run_name(type(cfg))}, f, indent=1)
+                   "versions": logs.versions(cfg), "trainer": run_name(type(cfg))}, f, indent=1)
     if os.path.isdir(final):  # a re-save: renames only, and resolve_latest falls back to the complete tmp
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -221,61 +228,66 @@ def resolve_latest(path):
     with open(latest) as f:
         name = f.read().strip()
     if not re.fullmatch(r"ckpt-\d+", name):  # never followed out of the run dir
-        raise common.UserError(f"{latest} names {name[:80]!r}, not one of this run dir's ckpt-* dirs: fix or delete it")
+        raise UserError(f"{latest} names {name[:80]!r}, not one of this run dir's ckpt-* dirs: fix or delete it")
     named = os.path.join(path, name)
     if not os.path.isdir(named) and os.path.isfile(os.path.join(named + ".tmp", "run_config.json")):
         return named + ".tmp"
     return named
 
 
-def find_checkpoint(path):
-    """A checkpoint dir, or a run dir whose `latest` file names one; a common.UserError if neither exists."""
+def find(path):
+    """A checkpoint dir, or a run dir whose `latest` file names one; a UserError if neither exists."""
     ckpt = resolve_latest(os.path.expanduser(path))
     if not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
         where = f" (its `latest` names {ckpt})" if ckpt != os.path.expanduser(path) else ""
-        raise common.UserError(f"no checkpoint at {path}{where}: --resume takes a ckpt-* dir or a run dir with a `latest` file")
+        raise UserError(f"no checkpoint at {path}{where}: --resume takes a ckpt-* dir or a run dir with a "
+                        "`latest` file")
     return ckpt
 
 
 def _load(path, mmap=False):
     """torch.load of a checkpoint file, on the CPU, weights_only: tensors, numbers, strings, lists and dicts, never
-    pickled code (a shared checkpoint must not run anything); a missing, damaged or foreign file is a common.UserError."""
+    pickled code (a shared checkpoint must not run anything); a missing, damaged or foreign file is a UserError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only met something else than plain data: refused, never run
         if "global" not in str(e).lower():  # not a reference to code: a damaged file
-            raise common.UserError(f"{path}: cannot read this checkpoint file ({str(e)[:120]}); resume from another "
+            raise UserError(f"{path}: cannot read this checkpoint file ({str(e)[:120]}); resume from another "
                             "ckpt-* dir") from None
         what = next(x.strip() for x in str(e).splitlines() if "global" in x.lower())
-        raise common.UserError(f"{path}: refused: it holds objects that loading would run ({what[:100]}); only checkpoints "
-                        "of plain data (tensors, numbers, strings, lists, dicts) load: use another ckpt-* dir") from None
+        raise UserError(f"{path}: refused: it holds objects that loading would run ({what[:100]}); only "
+                        "checkpoints of plain data (tensors, numbers, strings, lists, dicts) load: use another "
+                        "ckpt-* dir") from None
     except Exception as e:  # a truncated or foreign file raises whatever its unpickler meets
-        raise common.UserError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: {str(e)[:120]}); "
+        raise UserError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: {str(e)[:120]}); "
                         "resume from another ckpt-* dir") from None
 
 
-def load_trainer_state(ckpt, optimizer, d):
-    """Restore optimizer and this rank's RNG state from ckpt; returns the saved state (step, config, extra)."""
+def restore(ckpt, optimizer, d, modules=None):
+    """Restore the optimizer, this rank's RNG state and the `modules` save() was given ({name: (network, its
+    optimizer)}, sharded again under --fsdp) from ckpt; returns the saved state (step, config, extra)."""
     path = os.path.join(ckpt, "trainer_state.pt")
     # mmap: every rank reads the whole AdamW state, through one copy in the page cache, not one in memory per rank
-    state = _fields(_load(path, mmap=True), {"step": int, "optimizer": dict, "world_size": int, "config": dict, "extra": dict}, path)
+    fields = {"step": int, "optimizer": dict, "world_size": int, "config": dict, "extra": dict}
+    state = _fields(_load(path, mmap=True), fields, path)
     if state["world_size"] != d.world_size:
-        raise common.UserError(f"{ckpt} was written by {state['world_size']} processes; resume it with as many "
+        raise UserError(f"{ckpt} was written by {state['world_size']} processes; resume it with as many "
                         f"(torchrun --nproc_per_node={state['world_size']}), not {d.world_size}")
     rng_path = os.path.join(ckpt, f"rng_rank{d.rank}.pt")
     rng = _fields(_load(rng_path), {"python": tuple, "numpy": list, "torch": torch.Tensor}, rng_path)
     try:  # a state of another shape: the optimizer's groups, or an RNG state, do not fit
         fsdp.load_optimizer_state(optimizer, state.pop("optimizer"))  # sharded again under --fsdp
+        for name, (module, opt) in (modules or {}).items():
+            fsdp.load_state(module, state["extra"][name])
+            fsdp.load_optimizer_state(opt, state["extra"][name + "_optimizer"])
         random.setstate(rng["python"])
         np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
         torch.set_rng_state(rng["torch"])
     except (TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError) as e:
-        raise common.UserError(f"{ckpt}: its optimizer or RNG state does not fit this run ({type(e).__name__}: "
+        raise UserError(f"{ckpt}: its optimizer or RNG state does not fit this run ({type(e).__name__}: "
                         f"{str(e)[:100]}); resume from another ckpt-* dir") from None
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    common._progress["step"] = state["step"]  # what a failed collective's message reports until the next step
+    distributed.note_step(state["step"])  # what a failed collective's message reports until the next step
     return state
 
-
-import common  # noqa: E402  last: common.py imports this module's names at its end, so either may load first

@@ -12,10 +12,9 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-import common
-import fsdp
-from gsm8k import (SYSTEM_PROMPT, build_prompt, correctness_reward, extract_answer, extract_last_number,
-                   format_reward, lenient_correct)
+from grpo_family import distributed, fsdp, rollout
+from grpo_family.gsm8k import (SYSTEM_PROMPT, build_prompt, correctness_reward, extract_answer, extract_last_number,
+                               format_reward, lenient_correct)
 
 # -----------------------------------------------------------------------------
 # statistics
@@ -119,7 +118,8 @@ def evaluate(model, tok, problems, d, max_new_tokens, batch_size=64, system_prom
                          "needs temperature > 0 (greedy samples would all be identical)")
     if ks and any(not 1 <= k <= n for k in ks):
         raise ValueError(f"evaluate: every k of pass@k must be in 1..n={n}, got {list(ks)}")
-    model = fsdp.decode_copy(model)  # --fsdp: gathered here, on every rank, even one with no batch below
+    # --fsdp: the whole network gathered here, on every rank, even one with no batch below
+    model = fsdp.decode_copy(model, distributed.cuda_numerics(d.device))
     was_training = model.training
     model.eval()
     per_batch = max(1, batch_size // n)
@@ -135,11 +135,12 @@ def evaluate(model, tok, problems, d, max_new_tokens, batch_size=64, system_prom
     records = []
     for j in mine:
         batch = problems[starts[j]:starts[j] + per_batch]
-        ids, mask = common.tokenize_prompts(tok, [build_prompt(tok, p["question"], system_prompt) for p in batch], d.device)
+        prompts = [build_prompt(tok, p["question"], system_prompt) for p in batch]
+        ids, mask = rollout.tokenize_prompts(tok, prompts, d.device)
         with nullcontext() if greedy else torch.random.fork_rng(devices=cuda):  # a trainer's RNG stream is untouched
             if not greedy:
                 torch.manual_seed(seed + j)
-            r = common.generate(model, tok, ids, mask, n, max_new_tokens, temperature, top_p, greedy=greedy, fast=fast)
+            r = rollout.generate(model, tok, ids, mask, n, max_new_tokens, temperature, top_p, greedy=greedy, fast=fast)
         for i, p in enumerate(batch):
             rows = slice(i * n, (i + 1) * n)
             records.append(score_problem(starts[j] + i, p, r.texts[rows], r.truncated[rows].tolist()))

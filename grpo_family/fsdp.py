@@ -1,17 +1,19 @@
 """
 fsdp.py: --fsdp, the model sharded over torchrun's processes with PyTorch's own FSDP2 (fully_shard, DTensor):
 each rank holds 1/N of the fp32 weights, their gradients and AdamW's state, where DDP holds all of them on every
-rank. common.py calls these; a trainer's loop is the same with or without --fsdp (docs/fsdp.md).
+rank. distributed.py, loading.py, rollout.py and checkpoint.py call these; a trainer's loop is the same with or
+without --fsdp (docs/fsdp.md).
 
-    shard(module, d)            fully_shard every decoder layer, then the whole: fp32 master, bf16 compute on CUDA
-    decode_copy(lm), release    the whole network, gathered once per step, for generate() and the fast decoder
+    shard(module, bf16)         fully_shard every decoder layer, then the whole: fp32 master, bf16 compute on CUDA
+    decode_copy(lm, bf16), release   the whole network, gathered once per step, for generate() and the decoder
     state_dict(module, d)       every weight whole on rank 0: the checkpoint is a plain Hugging Face model dir
     optimizer_state, load_optimizer_state, load_state   AdamW's state (and PPO's critic) whole in the checkpoint
     all_finite, full            the checks a save and check_replicas make, on the shards
+    refusal, is_sharded         the one line refusing --fsdp where it cannot work; whether a module is sharded
 
 A sharded forward all-gathers each layer's weights from every rank, so every rank must run the same number of
 forwards (the trainers split their batches equally; dpo.py, whose ranks forward unequal numbers of pairs, and
-LoRA, whose trainable state is already small, refuse --fsdp with one line: common.parse_config).
+LoRA, whose trainable state is already small, refuse --fsdp with one line: config.parse).
 """
 import warnings
 import weakref
@@ -23,7 +25,7 @@ _copies = weakref.WeakKeyDictionary()  # lm -> its gathered decode copy, until t
 
 
 def refusal(cfg, torchrun, trainer):
-    """The one line refusing --fsdp where it cannot work, else None (common.parse_config raises it). One process
+    """The one line refusing --fsdp where it cannot work, else None (config.parse raises it). One process
     under torchrun is allowed: nothing is sharded then, but the path is the same (the GPU check runs it)."""
     why = ("launch with torchrun --nproc_per_node=N" if not torchrun else
            "drop --lora_rank (LoRA trains a small state already, over a frozen bf16 base)" if cfg.lora_rank else
@@ -44,14 +46,15 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def shard(module, d):
+def shard(module, bf16=False):
     """Shard `module` in place over all ranks: one FSDP unit per decoder layer (its weights are gathered just before
     it runs and freed after, in the forward and again in the backward), then the rest (embeddings, final norm, LM
-    head, PPO's value head) as the root unit. On CUDA the mixed-precision policy keeps the fp32 master shards and
-    computes in bf16 (the gathered copies are bf16, gradients are reduced in fp32), in place of autocast."""
+    head, PPO's value head) as the root unit. With bf16 (distributed.cuda_numerics) the mixed-precision policy keeps
+    the fp32 master shards and computes in bf16 (the gathered copies are bf16, gradients are reduced in fp32), in
+    place of autocast."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if d.device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
     layers = [layer for m in module.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
               for layer in m.layers]
     for layer in layers:
@@ -63,15 +66,16 @@ def shard(module, d):
     return module
 
 
-def decode_copy(lm):
-    """lm itself if it is not sharded; else a plain copy of the whole network for decoding (bf16 on CUDA, as the
-    fast decoder and autocast compute; the master dtype elsewhere, so that a CPU run samples exactly as unsharded).
+def decode_copy(lm, bf16=False):
+    """lm itself if it is not sharded; else a plain copy of the whole network for decoding (bf16 under
+    distributed.cuda_numerics, as the fast decoder and autocast compute; the master dtype elsewhere, so that a CPU
+    run samples exactly as unsharded).
     The first call after the policy's last forward gathers it (a collective: every rank calls it together, at the
     rollout or the evaluation); later calls reuse it, as the weights cannot have changed; release() frees it."""
     if not is_sharded(lm):
         return lm
     if lm not in _copies:
-        _copies[lm] = _gather(lm)
+        _copies[lm] = _gather(lm, bf16)
     return _copies[lm]
 
 
@@ -80,17 +84,16 @@ def release(lm):
     _copies.pop(lm, None)
 
 
-def _gather(lm):
+def _gather(lm, bf16):
     """A plain module of lm's class built on the meta device, then given lm's gathered weights and its buffers."""
     with torch.device("meta"):
         plain = type(lm)(lm.config)
     plain.generation_config = lm.generation_config
-    cuda = next(lm.parameters()).device.type == "cuda"
     done = {}
     for name, p in lm.named_parameters(remove_duplicate=False):  # tied weights: one tensor, two names
         if id(p) not in done:
             w = full(p).detach()
-            done[id(p)] = nn.Parameter(w.to(torch.bfloat16) if cuda and w.is_floating_point() else w.clone(),
+            done[id(p)] = nn.Parameter(w.to(torch.bfloat16) if bf16 and w.is_floating_point() else w.clone(),
                                        requires_grad=False)
         owner, _, attr = name.rpartition(".")
         plain.get_submodule(owner)._parameters[attr] = done[id(p)]

@@ -1,5 +1,5 @@
 """
-decoder.py: the two decoding paths common.generate takes: Hugging Face generate(), and the fast
+decoder.py: the two decoding paths rollout.generate takes: Hugging Face generate(), and the fast
 rollout, its sampling from a hand-written decode loop with a static KV cache (fast=True; nanochat
 keeps its engine.py apart the same way).
 
@@ -25,7 +25,7 @@ EOS, and a stop once every row has ended.
 import torch
 import torch.nn.functional as F
 
-import lora
+from grpo_family import lora
 
 ARCHS = ("qwen2", "llama")
 
@@ -281,7 +281,7 @@ def fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, pad_id, tem
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and P + max_new_tokens > limit:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings={limit}")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else model.get_input_embeddings().weight.dtype)
+    dtype = dtype or model.get_input_embeddings().weight.dtype  # rollout.generate passes bf16 under cuda_numerics
     check_every = 16 if device.type == "cuda" else 1       # steps between host syncs on "all rows ended?"
     eos_t = torch.tensor(eos, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)

@@ -1,9 +1,9 @@
 """
 bench.py: time the phases of one GRPO step on one device, and the fast rollout against the plain one.
 
-Phases, in the order grpo.py runs them: rollout (common.generate, plain Hugging Face generate and
+Phases, in the order grpo.py runs them: rollout (rollout.generate, plain Hugging Face generate and
 then the fast static-KV-cache loop, fast=True), old log-probs and reference log-probs
-(common.batched_logprobs) and the update (num_minibatches AdamW steps over the rollout, with
+(logprobs.batched) and the update (num_minibatches AdamW steps over the rollout, with
 grpo.policy_loss). For each it prints the time, the tokens per second, the model FLOPs
 utilisation (MFU: 2N FLOPs per token forward, 6N per trained token, N = parameters, against the
 device's peak), the peak memory, and for the rollouts the decode roofline ratio: the time the
@@ -16,26 +16,27 @@ weights: no download, and EOS is suppressed (set to an id outside the vocabulary
 sequence decodes to exactly max_new_tokens. The tokenizer is not needed: texts are not decoded.
 
 Launch:
-    python bench.py                                  # 1 GPU: 256 sequences x 300 new tokens
-    python bench.py --tiny                           # the tiny model on CPU (the CI smoke runs a smaller one)
-    python bench.py --peak_tflops=989 --mem_bw_gbs=3350   # a device missing from GPU_SPECS
-    python bench.py --token_lengths=DIR --data_path=DIR   # GSM8K's prompt and solution lengths in DIR's tokens
-    python bench.py --help                           # every knob with its default
+    python -m tools.bench                                  # 1 GPU: 256 sequences x 300 new tokens
+    python -m tools.bench --tiny                           # the tiny model on CPU (the CI smoke runs a smaller one)
+    python -m tools.bench --peak_tflops=989 --mem_bw_gbs=3350   # a device missing from GPU_SPECS
+    python -m tools.bench --help                           # every knob with its default
 
 Targets on a GPU (docs/bench.md): rollout >= 4x plain generate and >= 25% of the decode roofline
 for 256 x 300 tokens; update >= 35% MFU; peak memory <= 36 GiB.
+
+What it holds: Config (the knobs) and main (the phases in order); build_model, random_prompts, NoEosTokenizer (the
+model, its prompts, a tokenizer whose EOS never comes); device_specs, timed, decode_roofline_seconds (the device's
+peak, one timed phase, the roofline); update (grpo.py's update phase).
 """
 import copy
-import math
 import resource
 import time
 from dataclasses import dataclass
 
 import torch
 
-import common
-import gsm8k
-from grpo import policy_loss
+from grpo_family import config, distributed, loading, logprobs, rollout
+from tools import trainers
 
 
 @dataclass
@@ -58,8 +59,6 @@ class Config:
     mem_bw_gbs: float = 0.0  # in [0, inf): device memory bandwidth in GB/s for the decode roofline (0 = from GPU_SPECS)
     threads: int = 0  # torch CPU threads, in [0, inf) (0 = torch's default)
     seed: int = 0  # seeds the random weights, the prompts and the sampling, in [0, 1e18]
-    token_lengths: str = ""  # a tokenizer or model dir: print GSM8K's token lengths in its tokens and exit
-    data_path: str = ""  # GSM8K for --token_lengths: a dir with train.jsonl and test.jsonl ("" = the hub)
 
 
 # --tiny sets these (explicit --key=value flags still win). One thread: the tiny model's ops are
@@ -98,8 +97,8 @@ class NoEosTokenizer:
 def build_model(cfg, device):
     """(fp32 model in eval mode, pad id): the cached tiny model, or Qwen2.5-1.5B-Instruct with random weights."""
     if cfg.tiny:
-        path = common.model_path("tiny", common.Dist(False, 0, 0, 1, device, True))
-        model, pad_id = common.load_model(path, device), common.load_tokenizer(path).pad_token_id
+        path = loading.model_path("tiny", distributed.Dist(False, 0, 0, 1, device, True))
+        model, pad_id = loading.model(path, device), loading.tokenizer(path).pad_token_id
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
         torch.manual_seed(cfg.seed)
@@ -159,10 +158,10 @@ def decode_roofline_seconds(n_params, kv_bytes_per_token, batch, prompt_len, new
 def update(policy, optimizer, r, old_logp, ref_logp, advantages, cfg, device):
     """One update phase as grpo.py runs it: num_minibatches AdamW steps over shuffled micro-batches."""
     policy.train()
-    mask = r.completion_mask
+    mask, policy_loss = r.completion_mask, trainers.load("grpo").policy_loss
     for mb in torch.randperm(len(advantages), device=device).chunk(cfg.num_minibatches):
         for ix in mb.split(cfg.micro_batch_size):
-            with common.autocast(device):
+            with distributed.autocast(device):
                 logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix], cfg.temperature)
                 loss, _ = policy_loss(logp.float(), old_logp[ix], None if ref_logp is None else ref_logp[ix],
                                       advantages[ix], mask[ix], 0.2, cfg.beta)
@@ -173,46 +172,23 @@ def update(policy, optimizer, r, old_logp, ref_logp, advantages, cfg, device):
     policy.eval()
 
 
-def token_lengths(tok, problems, system_prompt=gsm8k.SYSTEM_PROMPT):
-    """What the data costs in `tok`'s tokens: the chat prompt of each question and each reference solution
-    (+ the EOS a completion ends with); {'n', 'prompt': {min, p50, p90, p99, max, mean}, 'solution': {...}}."""
-    def stats(xs):
-        xs = sorted(xs)
-        at = lambda q: xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)]  # noqa: E731  (nearest-rank percentile)
-        return {"min": xs[0], "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": xs[-1],
-                "mean": round(sum(xs) / len(xs), 1)}
-    prompts = tok([gsm8k.build_prompt(tok, p["question"], system_prompt) for p in problems], add_special_tokens=False)
-    solutions = tok([p["answer"] for p in problems], add_special_tokens=False)
-    return {"n": len(problems), "prompt": stats([len(x) for x in prompts["input_ids"]]),
-            "solution": stats([len(x) + 1 for x in solutions["input_ids"]])}
-
-
 def main():
-    cfg = common.parse_config(Config, tiny=TINY)
-    if cfg.token_lengths:
-        tok = common.load_tokenizer(cfg.token_lengths)
-        print(f"{'split':<6}{'text':>10}{'n':>7}{'min':>6}{'p50':>6}{'p90':>6}{'p99':>6}{'max':>6}{'mean':>8}")
-        for split in ("train", "test"):
-            st = token_lengths(tok, gsm8k.load_gsm8k(split, cfg.data_path))
-            for key in ("prompt", "solution"):
-                print(f"{split:<6}{key:>10}{st['n']:>7}" + "".join(f"{st[key][k]:>6}" for k in ("min", "p50", "p90",
-                      "p99", "max")) + f"{st[key]['mean']:>8}")
-        return
+    cfg = config.parse(Config, tiny=TINY)
     if cfg.num_seqs % cfg.group_size or cfg.num_seqs % cfg.num_minibatches:
-        raise common.UserError(f"num_seqs={cfg.num_seqs} must be divisible by group_size={cfg.group_size} "
-                         f"and num_minibatches={cfg.num_minibatches}")
+        raise config.UserError(f"num_seqs={cfg.num_seqs} must be divisible by group_size={cfg.group_size} "
+                               f"and num_minibatches={cfg.num_minibatches}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
-    common.seed_everything(cfg.seed)
+    distributed.seed_everything(cfg.seed)
     model, pad_id = build_model(cfg, device)
     mc = model.config
     V, B, P, T = mc.vocab_size, cfg.num_seqs, cfg.prompt_len, cfg.max_new_tokens
     tok = NoEosTokenizer(pad_id, V)
     prompt_ids, prompt_mask = random_prompts(cfg, V, pad_id, device)
     n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once (they are the lm_head)
-    elem = 2 if device.type == "cuda" else 4  # bytes per weight and cache element as decoded: bf16 on CUDA, fp32 on CPU
+    elem = 2 if distributed.cuda_numerics(device) else 4  # bytes per weight and cache element as decoded (bf16, fp32)
     head_dim = mc.hidden_size // mc.num_attention_heads
     kv_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * head_dim * elem  # K and V, all layers
     name, peak_tflops, bw = device_specs(cfg, device)
@@ -226,11 +202,11 @@ def main():
           f"{f'{bw:g} GB/s' if bw else 'unknown (pass --mem_bw_gbs)'}")
 
     # the trainers' objects: policy with its log-prob forward, frozen reference, AdamW
-    policy = common.Policy(model, cfg.logprob_chunk, cfg.gradient_checkpointing).eval()
+    policy = logprobs.Policy(model, cfg.logprob_chunk, cfg.gradient_checkpointing).eval()
     ref = None
     if cfg.beta > 0:
-        ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        ref = common.Policy(copy.deepcopy(model).to(ref_dtype), cfg.logprob_chunk).eval().requires_grad_(False)
+        ref_dtype = torch.bfloat16 if distributed.cuda_numerics(device) else torch.float32  # as loading.reference
+        ref = logprobs.Policy(copy.deepcopy(model).to(ref_dtype), cfg.logprob_chunk).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0)
     # Allocate AdamW's state now (a zero-lr step on zero gradients leaves the weights as they are),
     # so that every phase below runs, and reports its peak memory, as in steady-state training.
@@ -241,18 +217,18 @@ def main():
     optimizer.zero_grad(set_to_none=True)
     optimizer.param_groups[0]["lr"] = 1e-6
 
-    def rollout(fast, max_new=T):
-        return common.generate(model, tok, prompt_ids, prompt_mask, cfg.group_size, max_new, cfg.temperature,
-                               cfg.top_p, fast=fast, logprobs=True)  # as training samples: log μ recorded too
+    def sample(fast, max_new=T):
+        return rollout.generate(model, tok, prompt_ids, prompt_mask, cfg.group_size, max_new, cfg.temperature,
+                                cfg.top_p, fast=fast, logprobs=True)  # as training samples: log μ recorded too
 
     rows = {}  # phase -> (wall seconds, CPU seconds, tokens, FLOPs per token, peak GiB)
     for fast in (False, True):  # untimed warm-up of both paths (CUDA context, cuBLAS, kernels)
-        rollout(fast, min(T, 4))
+        sample(fast, min(T, 4))
     best = {}
     for _ in range(cfg.repeats):
         for fast in (False, True):
             torch.manual_seed(cfg.seed)
-            r, dt, mem = timed(lambda: rollout(fast), device)
+            r, dt, mem = timed(lambda: sample(fast), device)
             if r.completion_ids.shape != (B, T):
                 raise RuntimeError(f"{'fast' if fast else 'plain'} rollout gave {tuple(r.completion_ids.shape)} "
                                    f"completions, expected {(B, T)}: EOS suppression failed")
@@ -264,18 +240,18 @@ def main():
     r = best["rollout fast"][2]
 
     seq_tokens = B * (P + T)  # every position of every sequence goes through the model (padding included)
-    old_logp, _ = common.batched_logprobs(policy, r, cfg.micro_batch_size, cfg.temperature)  # warm-up
-    (old_logp, _), dt, mem = timed(lambda: common.batched_logprobs(policy, r, cfg.micro_batch_size, cfg.temperature),
+    old_logp, _ = logprobs.batched(policy, r, cfg.micro_batch_size, cfg.temperature)  # warm-up
+    (old_logp, _), dt, mem = timed(lambda: logprobs.batched(policy, r, cfg.micro_batch_size, cfg.temperature),
                                    device)
     rows["old log-probs"] = (*dt, seq_tokens, 2 * n_params, mem)
     ref_logp = None
     if ref is not None:
-        (ref_logp, _), dt, mem = timed(lambda: common.batched_logprobs(ref, r, cfg.micro_batch_size, cfg.temperature),
+        (ref_logp, _), dt, mem = timed(lambda: logprobs.batched(ref, r, cfg.micro_batch_size, cfg.temperature),
                                        device)
         rows["ref log-probs"] = (*dt, seq_tokens, 2 * n_params, mem)
     advantages = torch.randn(B, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     warm = slice(0, cfg.micro_batch_size)  # untimed forward and backward of one micro-batch (backward kernels)
-    with common.autocast(device):
+    with distributed.autocast(device):
         policy(r.prompt_ids[warm], r.prompt_mask[warm], r.completion_ids[warm], r.completion_mask[warm],
                cfg.temperature)[0].float().mean().backward()
     optimizer.zero_grad(set_to_none=True)
@@ -315,4 +291,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run(main)
+    config.run(main)

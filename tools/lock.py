@@ -1,9 +1,9 @@
 """
-scripts/lock.py: the versions this repository is tested with, kept in requirements.lock.
+lock.py: the versions this repository is tested with, kept in requirements.lock.
 
-    python scripts/lock.py check               requirements.txt and requirements.lock agree (the test suite runs this)
-    python scripts/lock.py check --installed   ... and this environment holds exactly the locked versions (CI)
-    python scripts/lock.py refresh             move the lock forward: newest versions in a fresh venv, the suite,
+    python -m tools.lock check               requirements.txt and requirements.lock agree (the test suite runs this)
+    python -m tools.lock check --installed   ... and this environment holds exactly the locked versions (CI)
+    python -m tools.lock refresh             move the lock forward: newest versions in a fresh venv, the suite,
                                                and only if it passes, a new requirements.lock and new caps
 
 requirements.txt holds ranges (for people who add this repo to an environment of their own), each capped at
@@ -14,6 +14,10 @@ refresh: a venv in a temporary dir; `pip install torch==<--torch>` (default: the
 pip has a CPU wheel of it, that one); `pip install --upgrade` of requirements.txt's names with their lower
 bounds only (the caps lifted); then README's test command in that venv. A failing suite writes nothing and
 exits 1, naming the log. Needs the package registry and about 20 minutes on 2 cores.
+
+What it holds: read_requirements, read_lock (the two files), canonical, version_key, in_range (names and versions
+compared as pip does), disagreements, installed_disagreements (the check), write_lock, recap, refresh (the
+refresh), LockError and Parser (one-line errors, exit 2), main.
 """
 import argparse
 import datetime
@@ -99,7 +103,8 @@ def disagreements(reqs, lock):
         elif not in_range(lock[name][0], spec):
             bad.append(f"{name}=={lock[name][0]} in requirements.lock is outside requirements.txt's range {spec!r}")
         elif "-r requirements.txt" not in lock[name][1]:
-            bad.append(f"{name} is in requirements.txt but requirements.lock does not mark it '# via -r requirements.txt'")
+            bad.append(f"{name} is in requirements.txt but requirements.lock does not mark it "
+                       "'# via -r requirements.txt'")
         if not re.search(r"(<=|<|==)", spec):
             bad.append(f"{name} in requirements.txt has no cap: add <= the locked version")
     reached, todo = set(), [n for n in lock if n in reqs]
@@ -162,7 +167,7 @@ def write_lock(env, reqs, torch_note, path=None):
             keep.add(n)
             todo += env[n]["requires"]
     lines = ["# requirements.lock: every package the whole test suite passed with, exact. Written by",
-             "# `python scripts/lock.py refresh` (it runs the suite first); do not edit by hand.",
+             "# `python -m tools.lock refresh` (it runs the suite first); do not edit by hand.",
              f"# Passed on {datetime.date.today()}: Python {platform.python_version()}, {platform.system()} "
              f"{platform.machine()}, {torch_note}.",
              "# Install: pip install -r requirements.lock (README says how to get the CUDA build of the same torch)."]
@@ -213,8 +218,8 @@ def refresh(torch_version, keep_venv):
     tail = open(log).read().strip().splitlines()[-1]
     write_lock(env, reqs, f"torch {env['torch']['version']}; suite: {tail.strip('= ')}")
     recap(REQUIREMENTS, env)
-    if subprocess.run([py, os.path.abspath(__file__), "check"]).returncode:
-        raise LockError("the new requirements.lock and requirements.txt disagree (above); fix scripts/lock.py")
+    if subprocess.run([py, "-m", "tools.lock", "check"], cwd=ROOT).returncode:
+        raise LockError("the new requirements.lock and requirements.txt disagree (above); fix tools/lock.py")
     print(f"refresh: wrote {LOCK} and moved requirements.txt's caps; review with git diff, then commit")
     if not keep_venv:
         import shutil
@@ -223,13 +228,13 @@ def refresh(torch_version, keep_venv):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as every entry point of this repository
-        print(f"lock.py: error: {message} (see python scripts/lock.py --help)", file=sys.stderr)
+        print(f"lock.py: error: {message} (see python -m tools.lock --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = Parser(prog="python -m tools.lock", description=__doc__.strip().splitlines()[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="requirements.txt and requirements.lock agree")
     c.add_argument("--installed", action="store_true", help="also: this environment holds exactly the lock")
@@ -243,7 +248,7 @@ def main(argv=None):
             bad = disagreements(read_requirements(), lock) + (installed_disagreements(lock) if args.installed else [])
             if bad:
                 raise LockError(f"{len(bad)} problem(s): " + "; ".join(bad) +
-                                " (fix: pip install -r requirements.lock, or python scripts/lock.py refresh)")
+                                " (fix: pip install -r requirements.lock, or python -m tools.lock refresh)")
             print(f"lock: {len(lock)} packages; requirements.txt and requirements.lock agree"
                   + ("; this environment holds exactly the lock" if args.installed else ""))
         elif not args.torch and not os.path.isfile(LOCK):

@@ -1,6 +1,8 @@
-"""Predicted per-GPU memory of full fine-tuning with DDP and with --fsdp, from the sizes of what each rank holds.
+"""fsdp_memory.py: predicted per-GPU memory of full fine-tuning with DDP and with --fsdp, from the sizes of what
+each rank holds: sizes (parameter counts from each model's config), activations (an estimate), predict (one
+model, world size and layout), main (docs/fsdp.md's table).
 
-    python scripts/fsdp_memory.py            # the table in docs/fsdp.md (markdown)
+    python -m tools.fsdp_memory            # the table in docs/fsdp.md (markdown)
 
 PREDICTED, not measured: no GPU has run this repository's 1.5B-7B jobs. Parameter counts and tensor shapes are
 exact (each model is built from its Hugging Face config on the meta device); the activation term is an estimate

