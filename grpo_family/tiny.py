@@ -6,6 +6,7 @@ and a model built locally, so every trainer runs its real code path on a CPU wit
     build_tokenizer, build_model   a character-level tokenizer with Qwen's chat tokens; a tiny Qwen2
     sft_examples, warm_start       a supervised warm start on a *sloppy teacher*
     model_dir, ensure_model        built once on rank 0, cached on disk, loaded with from_pretrained
+    build_seed                     the seed of the build: 0, or $GRPO_TINY_SEED (another build, as another CPU's)
 
 The sloppy teacher, like a weak SFT model, often stops after the first step and reports the
 intermediate number, and sometimes forgets the '####' line. The warm-started model therefore knows
@@ -162,10 +163,21 @@ def warm_start(model, tok, steps=400, batch_size=64, lr=3e-3, seed=0, log=print)
     return model
 
 
+def build_seed():
+    """The seed the tiny model is built and warm-started from: 0, or $GRPO_TINY_SEED. The build is bit-reproducible
+    on one CPU but not across CPUs (summation order differs), so another seed stands in for another machine's build:
+    the test suite must pass on any of them."""
+    text = os.environ.get("GRPO_TINY_SEED", "0")
+    if not text.isdigit():
+        raise ValueError(f"GRPO_TINY_SEED={text!r}: give a whole number (0 is the default build)")
+    return int(text)
+
+
 def model_dir(cache_dir=""):
-    """Where the warm-started tiny model lives; built once, then loaded from disk."""
+    """Where the warm-started tiny model lives; built once, then loaded from disk (one dir per build seed)."""
     root = os.path.expanduser(cache_dir or os.environ.get("GRPO_TINY_CACHE", "~/.cache/grpo-family"))
-    return os.path.join(root, f"tiny-qwen2-sft-{VERSION}")
+    seed = build_seed()
+    return os.path.join(root, f"tiny-qwen2-sft-{VERSION}" + (f"-seed{seed}" if seed else ""))
 
 
 def ensure_model(d, cache_dir="", log=print):
@@ -178,7 +190,7 @@ def ensure_model(d, cache_dir="", log=print):
         threads = torch.get_num_threads()
         torch.set_num_threads(max(threads, os.cpu_count() or 1))
         tok = build_tokenizer(tmp)
-        model = warm_start(build_model(tok), tok, log=log)
+        model = warm_start(build_model(tok, build_seed()), tok, seed=build_seed(), log=log)
         model.save_pretrained(tmp)
         torch.set_num_threads(threads)
         if os.path.isdir(out):  # another process finished the same build first: keep theirs

@@ -60,6 +60,16 @@ def _running(pid):
         return False
 
 
+def _sigterm_pending(pid):
+    """True once a SIGTERM waits for the (stopped) process `pid`, or it is gone."""
+    try:
+        status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+    except OSError:
+        return True
+    pending = int(status.get("SigPnd", "0"), 16) | int(status.get("ShdPnd", "0"), 16)
+    return bool(pending & (1 << (signal.SIGTERM - 1)))
+
+
 def test_a_stalled_rank_stops_the_job_with_one_line(tiny_dir, tmp_path):
     # rank 1 is frozen (SIGSTOP) after step 2; rank 0 must give up after --dist_timeout seconds, not gloo's 30
     # minutes, with one line naming its rank, the last step done and our line that waited
@@ -80,6 +90,8 @@ def test_a_stalled_rank_stops_the_job_with_one_line(tiny_dir, tmp_path):
         while _running(ranks[0]) and time.time() - t0 < 600:
             time.sleep(0.2)
         waited = time.time() - t0
+        while not _sigterm_pending(ranks[1]) and time.time() - t0 < 600:  # torchrun stops the frozen rank: let
+            time.sleep(0.2)  # its SIGTERM arrive first, or rank 1, woken, reports the lost peer in a line of its own
     finally:
         os.kill(ranks[1], signal.SIGCONT)  # so torchrun's SIGTERM reaches it
     out, err = p.communicate(timeout=600)
