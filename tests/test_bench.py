@@ -4,14 +4,14 @@ import sys
 import torch
 
 from tools import bench
-from conftest import run
+from helpers import run
 
 SMOKE = ["--tiny", "--num_seqs=8", "--group_size=4", "--prompt_len=16", "--max_new_tokens=8", "--micro_batch_size=4",
          "--num_minibatches=2", "--threads=1"]
 
 
 def test_bench_tiny_smoke_prints_the_phase_table_and_ratios(tiny_dir):
-    # run bench.main() in a fresh interpreter and check it never imported `datasets` (the GPU box lacks it)
+    # a process of its own: a fresh interpreter, to check bench.main() never imports `datasets` (the GPU box lacks it)
     code = ("import sys; sys.argv = ['bench.py'] + sys.argv[1:]; from tools import bench; bench.main(); "
             "assert 'datasets' not in sys.modules, 'bench.py imported datasets'")
     out = run([sys.executable, "-c", code, *SMOKE]).stdout

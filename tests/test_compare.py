@@ -5,8 +5,7 @@ import sys
 import pytest
 
 from tools import compare
-from conftest import run
-from test_user_errors import fails
+from helpers import cli_error, fails
 
 
 def fake_run(path, finals, clip_key="clip_frac"):
@@ -38,24 +37,29 @@ def test_table_from_logs(tmp_path):
     assert pts[0][1] == pytest.approx(1 - 0.5 * (0.01 + 0.9))
 
 
-def test_logs_only_cli_and_missing_log_error(tmp_path):
+def test_logs_only_cli_and_missing_log_error(tmp_path, capsys, monkeypatch):
     fake_run(tmp_path / "grpo-s0", 0.6)
-    p = run([sys.executable, "-m", "tools.compare", "--logs_only", "--algos=grpo", "--seeds=1", f"--out_dir={tmp_path}"])
-    assert "| grpo |" in p.stdout and (tmp_path / "summary.md").exists()
-    # exit 2 and one line (before: any non-zero exit passed, a traceback too)
-    fails(["--logs_only", "--algos=grpo", "--seeds=2", f"--out_dir={tmp_path}"], "no log", script="tools/compare.py")
-    fails(["--logs_only", "--algos=nope", f"--out_dir={tmp_path}"], "unknown trainer", script="tools/compare.py")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--logs_only", "--algos=grpo", "--seeds=1", f"--out_dir={tmp_path}"])
+    compare.main()
+    assert "| grpo |" in capsys.readouterr().out and (tmp_path / "summary.md").exists()
+    # exit 2 and one line, no traceback
+    assert "no log" in cli_error(compare, ["--logs_only", "--algos=grpo", "--seeds=2", f"--out_dir={tmp_path}"],
+                                 capsys, monkeypatch)
+    assert "unknown trainer" in cli_error(compare, ["--logs_only", "--algos=nope", f"--out_dir={tmp_path}"], capsys,
+                                          monkeypatch)
     log = tmp_path / "grpo-s1" / "metrics.jsonl"
     log.parent.mkdir()
     for text, words in [("", "holds no held-out evaluation"), ('{"step": 1}\n{bad', "metrics.jsonl:2: not a JSON line"),
                         ('[1]\n', "metrics.jsonl:1: not a metrics row"), ('{"step": 1, "reward": 0.5}\n', "no held-out")]:
         log.write_text(text)
-        fails(["--logs_only", "--algos=grpo", "--seeds=2", f"--out_dir={tmp_path}"], words, script="tools/compare.py")
+        assert words in cli_error(compare, ["--logs_only", "--algos=grpo", "--seeds=2", f"--out_dir={tmp_path}"],
+                                  capsys, monkeypatch)
 
 
 def test_a_failed_run_stops_the_others(tmp_path, tiny_dir):
     import os
-    # grpo.py refuses DAPO's flag at once; dapo.py would train for minutes (before: it went on as an orphan)
+    # grpo.py refuses DAPO's flag at once; dapo.py, still training, must be stopped with it, not left running
+    # (processes of their own: tools/compare.py launches the trainers as processes)
     line = fails(["--algos=grpo,dapo", "--seeds=1", "--jobs=2", "--extra=--clip_eps_high=0.28", f"--out_dir={tmp_path}"],
                  "grpo-s0 failed with exit code 2", "stopped the runs still going: dapo-s0", script="tools/compare.py")
     alive = []

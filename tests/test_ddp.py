@@ -1,37 +1,131 @@
-"""Distributed training is really distributed: 2-process gloo runs on CPU."""
+"""Distributed training is really distributed: every trainer on 2 gloo processes on the CPU, in two torchrun
+launches (tests/launch/): the tiny default for two steps on two ranks, ending in the replica check, with --fsdp
+beside DDP; and each trainer's own step as two DDP ranks against one process holding the whole batch, gradient for
+gradient. Then what needs processes of its own, each saying why."""
 import json
+import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-from conftest import ROOT, run, torchrun
+import pytest
+import torch
+
+from grpo_family import loading
+import eval_gsm8k
+from helpers import ROOT, assert_same_run, run, run_main, torchrun
+from tools import trainers
 
 
-def test_ddp_update_equals_single_process_update(tiny_dir):
-    p = run(torchrun(2, "tests/ddp_grpo_check.py"))
-    assert p.stdout.count("DDP update == single-process update") == 2
+@pytest.fixture(scope="module")
+def two_ranks(tiny_dir, tmp_path_factory):
+    """tests/launch/two_ranks.py: every trainer's two-rank run, and the --fsdp and DDP pair of all but dpo.py."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    run(torchrun(2, "tests/launch/two_ranks.py", str(out)), timeout=2400)
+    return out, json.load(open(out / "report.json"))
 
 
-def test_grpo_trains_under_torchrun(tiny_dir, tmp_path):
-    # grpo.py ends with distributed.check_replicas: it raises unless both ranks hold identical
-    # weights and took the same number of optimizer steps.
-    run(torchrun(2, "grpo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
-                 "--eval_problems=8", f"--run_dir={tmp_path}"))
-    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert os.path.isfile(tmp_path / "ckpt-000002" / "rng_rank1.pt")
+@pytest.fixture(scope="module")
+def ddp_updates(tiny_dir, tmp_path_factory):
+    """tests/launch/ddp_updates.py: every trainer's DDP gradients against one process's."""
+    out = tmp_path_factory.mktemp("ddp_updates") / "report.json"
+    run(torchrun(2, "tests/launch/ddp_updates.py", str(out)), timeout=1200)
+    return json.load(open(out))
 
 
+@pytest.mark.parametrize("name", trainers.TRAINERS)
+def test_every_trainer_trains_on_two_ranks(two_ranks, name):
+    """Two steps of the tiny default on two gloo ranks (each trainer's own two-rank option, two_ranks.VARIANTS).
+    The run ended with distributed.check_replicas, which raises unless both ranks hold the same weights and took the
+    same optimizer steps; every rank saved its RNG state."""
+    out, report = two_ranks
+    m = report[name]["smoke"]
+    assert sorted(m) == ["0", "1", "2"] and "eval/strict" in m["0"] and "eval/strict" in m["2"]
+    assert all(math.isfinite(m[s]["loss"]) and math.isfinite(m[s]["grad_norm"]) for s in ("1", "2"))
+    assert os.path.isfile(out / f"{name}-smoke" / "ckpt-000002" / "rng_rank1.pt")
+    if name == "gtpo":  # the 75th percentile of every rank's entropies so far: about a quarter filtered, one cut
+        assert 0.2 <= m["1"]["filtered_frac"] <= 0.3 and m["1"]["ent_threshold"] < 1e9
+    if name == "gfpo":  # adaptive difficulty: k per prompt from its bucket, between 4 and 8 of 8
+        assert all(4 <= m[s]["keep"] <= 8 for s in ("1", "2"))
+    if name == "dapo":
+        assert all(m[s]["sampling_rounds"] >= 1 and m[s]["kl"] >= 0 for s in ("1", "2"))
+
+
+@pytest.mark.parametrize("name", [n for n in trainers.TRAINERS if n != "dpo"])
+def test_every_trainer_under_fsdp_equals_its_ddp_run(two_ranks, name):
+    """Two steps on written-out completions with --fsdp and with DDP from the same start: the same rewards and
+    held-out answers, the same losses to rounding, the same weights (PPO: and critic) to 1e-6, a gradient in both
+    steps. Tolerances: a sharded run sums the same fp32 numbers in another order (gradients reduce-scattered per
+    micro-batch, the clip norm reduced over shards), so weights agree to rounding, not bit for bit."""
+    _, report = two_ranks
+    r = report[name]
+    assert r["weight_diff"] < 1e-6, (name, r["weight_diff"])
+    assert_same_run(name, r["ddp"], r["fsdp"])
+    assert all(r["fsdp"][s]["grad_norm"] > 0 for s in ("1", "2"))
+
+
+def test_the_reference_model_is_sharded_and_used(two_ranks):
+    """grpo's default β = 0.04: the KL to the (sharded) reference is logged, and equals DDP's (unsharded) one."""
+    _, report = two_ranks
+    kl = [report["grpo"][m]["2"]["kl"] for m in ("ddp", "fsdp")]
+    assert kl[0] > 0 and math.isclose(*kl, rel_tol=1e-4), kl
+
+
+def test_an_fsdp_checkpoint_loads_as_a_plain_model(two_ranks, monkeypatch):
+    """The checkpoint of a sharded run is a Hugging Face model dir: from_pretrained finds every weight (the tied LM
+    head tied back), its logits equal the DDP run's checkpoint's, and eval_gsm8k.py evaluates it as any model."""
+    from transformers import AutoModelForCausalLM
+    out, report = two_ranks
+    ckpt = {m: out / f"grpo-{m}" / "ckpt-000002" for m in ("ddp", "fsdp")}
+    model, info = AutoModelForCausalLM.from_pretrained(ckpt["fsdp"], output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ddp = loading.model(str(ckpt["ddp"]), torch.device("cpu"))
+    ids = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(ids).logits - ddp(ids).logits).abs().max().item()
+    assert diff < 1e-5, diff
+    state = torch.load(ckpt["fsdp"] / "trainer_state.pt", weights_only=True)  # AdamW's state: plain tensors, whole
+    sizes = sorted(s["exp_avg"].numel() for s in state["optimizer"]["state"].values())
+    assert sizes == sorted(p.numel() for p in model.parameters()), "the optimizer state is not whole"
+    ev = out / "eval"
+    run_main(eval_gsm8k, ["--tiny", f"--model={ckpt['fsdp']}", "--limit=4", f"--out_dir={ev}"], monkeypatch)
+    summary = json.load(open(ev / "summary.json"))  # the run's own last evaluation: the same 4 problems, greedy
+    assert summary["problems"] == 4 and summary["metrics"]["strict"] == report["grpo"]["fsdp"]["2"]["eval/strict"]
+
+
+@pytest.mark.parametrize("name", trainers.TRAINERS)
+def test_every_trainer_s_ddp_gradient_equals_one_process_s(ddp_updates, name):
+    """The trainer's own step as two DDP ranks (rank 1 holding few tokens and only all-equal groups) gives the
+    optimizer the gradient one process gives it on the whole batch, to fp32 rounding (1e-5 of the largest entry),
+    at every optimizer step (PPO: the critic's too): the loss goes through the wrapped model, and the
+    normalisers and world-size factors make the ranks' average the whole batch's loss."""
+    r = ddp_updates[name]
+    assert r["steps"] == (2 if name == "ppo" else 1) and r["size"] > 0, r
+    assert r["ddp_vs_single"] < 1e-5, r
+
+
+def test_dapo_fills_its_batch_from_both_ranks_kept_groups(ddp_updates):
+    """In that step DAPO's rank 1 kept none of its own groups in the first round; a second round filled the batch,
+    and both ranks trained on their share of the kept groups (the gradients above equal one process's)."""
+    m = ddp_updates["dapo"]["metrics"]
+    assert m["sampling_rounds"] == 2 and m["filtered_groups"] > 0, m
+
+
+@pytest.mark.slow
 def test_a_finished_two_rank_run_exits_0_every_time_under_load():
-    # a correct run once died at teardown (SIGABRT, "terminate called without an active exception"): interpreter
-    # finalization ran while a gloo worker thread still held the last collective's work. Now a process that joined
-    # a process group leaves through os._exit after flushing: finalization (the atexit marker) never runs.
+    """A correct run once died at teardown (SIGABRT, "terminate called without an active exception"): interpreter
+    finalization ran while a gloo worker thread still held the last collective's work. A process that joined a
+    process group leaves through os._exit after flushing: finalization (the atexit marker) never runs. A process of
+    its own: the race needs fresh interpreters, three times, beside a busy core."""
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # load: the race's window widens
     try:
         for _ in range(3):
-            p = run(torchrun(2, "tests/ddp_teardown_check.py"), timeout=600)
+            p = run(torchrun(2, "tests/launch/teardown.py"), timeout=600)
             assert "terminate called" not in p.stderr and p.stdout.count(": finished") == 2, p.stderr[-3000:]
             assert "interpreter finalization ran" not in p.stdout, p.stdout
     finally:
@@ -70,13 +164,15 @@ def _sigterm_pending(pid):
     return bool(pending & (1 << (signal.SIGTERM - 1)))
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_stops_the_job_with_one_line(tiny_dir, tmp_path):
-    # rank 1 is frozen (SIGSTOP) after step 2; rank 0 must give up after --dist_timeout seconds, not gloo's 30
-    # minutes, with one line naming its rank, the last step done and our line that waited
+    """Rank 1 is frozen (SIGSTOP) after step 2; rank 0 must give up after --dist_timeout seconds, not gloo's 30
+    minutes, with one line naming its rank, the last step done and our line that waited. Processes of their own:
+    a rank is frozen from outside."""
     timeout = 10
-    p = subprocess.Popen(torchrun(2, "grpo.py", "--tiny", "--num_steps=40", "--batch_prompts=4", "--group_size=4",
-                                  "--eval_every=0", "--eval_problems=8", "--save_every=100", f"--dist_timeout={timeout}",
-                                  f"--run_dir={tmp_path}"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    flags = ["--tiny", "--num_steps=40", "--batch_prompts=4", "--group_size=4", "--eval_every=0", "--eval_problems=8",
+             "--save_every=100", f"--dist_timeout={timeout}", f"--run_dir={tmp_path}"]
+    p = subprocess.Popen(torchrun(2, "grpo.py", *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log, deadline = tmp_path / "metrics.jsonl", time.time() + 600
     while not (log.exists() and len(log.read_text().splitlines()) >= 3):  # the step-0 eval row, steps 1 and 2
@@ -102,3 +198,51 @@ def test_a_stalled_rank_stops_the_job_with_one_line(tiny_dir, tmp_path):
     step = int(lines[0].split("after step ")[1].split(",")[0])
     assert 2 <= step < 40 and f"waited {timeout} s for the other ranks" in lines[0] and "--dist_timeout" in lines[0]
     assert "rank 0:" in lines[0] and " at grpo.py:" in lines[0], lines[0]
+
+
+def launch_two_ranks(args, out_dir, timeout):
+    """Ranks 0 and 1 of `python dapo.py args` as two plain processes (torchrun would stop one rank as soon
+    as the other fails, which would hide whether both fail by themselves): [(exit status, stdout + stderr)]."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, logs = [], []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        logs.append(open(out_dir / f"rank{rank}.log", "w+"))
+        procs.append(subprocess.Popen([sys.executable, "dapo.py", *args], cwd=ROOT, env=env, stdout=logs[-1],
+                                      stderr=subprocess.STDOUT, text=True))
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))  # raises TimeoutExpired on a hang
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for p, f in zip(procs, logs):
+        f.seek(0)
+        results.append((p.returncode, f.read()))
+        f.close()
+    return results
+
+
+def test_dapo_with_every_group_filtered_stops_both_ranks_with_one_error(tiny_dir, tmp_path):
+    """max_new_tokens = 1: every completion is one character, never a '#### N' line, so every group is all wrong and
+    filtered, on every rank and in every round: both ranks stop with the same error. Plain processes: torchrun would
+    stop one rank as soon as the other fails, hiding whether both fail by themselves."""
+    results = launch_two_ranks(["--tiny", "--num_steps=1", "--batch_prompts=4", "--group_size=2",
+                                "--max_new_tokens=1", "--max_sampling_rounds=2", "--eval_problems=2",
+                                f"--run_dir={tmp_path / 'run'}"], tmp_path, timeout=300)
+    msg = "dynamic sampling: 0 of batch_prompts=4 groups kept after 8 prompts in max_sampling_rounds=2"
+    errors = []
+    for rank, (status, log) in enumerate(results):
+        assert status not in (0, None), f"rank {rank} exited {status}\n{log[-3000:]}"
+        found = re.findall(r"RuntimeError: (dynamic sampling: .*)", log)
+        assert found and msg in found[-1], f"rank {rank}:\n{log[-3000:]}"
+        errors.append(found[-1])
+    assert errors[0] == errors[1]  # the same error on both ranks: they counted the same kept groups
+    assert "--max_sampling_rounds" in errors[0]

@@ -21,7 +21,7 @@ import pytest
 
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 from tools import trainers
 
 TRAINERS = {f"{name}.py": (trainers.MARKERS[name], trainers.BUDGETS[name]) for name in trainers.MARKERS}

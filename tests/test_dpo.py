@@ -1,17 +1,14 @@
 """Online DPO's pieces against the spec's hand-checked vector (ALGORITHMS.md section 10), an independent
 computation with python loops and finite differences, the pair selection, the normaliser over ranks, and
 end-to-end runs of dpo.py on the tiny default (one process, and two gloo ranks)."""
-import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
 from grpo_family import config
 import dpo
-from conftest import padded, run, toy, torchrun, value_and_dj
+from helpers import padded, toy, value_and_dj
 
 
 def toy_pair_loss(beta=0.1, num_pairs=1):
@@ -174,45 +171,3 @@ def test_beta_must_be_positive_and_there_is_no_clip():
 
 # -----------------------------------------------------------------------------
 # end to end
-
-
-def check_run(p, run_dir, steps):
-    out = p.stdout + p.stderr
-    assert "held-out greedy accuracy before RL" in out and "held-out greedy accuracy after RL" in out
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == list(range(steps + 1))
-    for r in rows[1:]:
-        assert 0 <= r["pairs_per_prompt"] <= 1
-        assert r["pairs_per_prompt"] == pytest.approx(1 - r["zero_std_groups"], abs=1e-6)
-        assert "clip_frac" not in r and "ratio" not in r  # nothing of PPO's is left
-        if r["pairs_per_prompt"] > 0:
-            assert r["pair_reward_margin"] > 0 and 0 <= r["implicit_accuracy"] <= 1
-            assert math.isfinite(r["loss"]) and r["kl"] >= 0 and r["entropy"] > 0
-    assert os.path.isfile(os.path.join(run_dir, f"ckpt-{steps:06d}", "trainer_state.pt"))
-    assert open(os.path.join(run_dir, "latest")).read().strip() == f"ckpt-{steps:06d}"
-    return rows
-
-
-def test_smoke_tiny(tiny_dir, tmp_path):
-    run_dir = str(tmp_path / "run")
-    p = run(["nice", "-n", "5", sys.executable, "dpo.py", "--tiny", "--num_steps=2", "--batch_prompts=4",
-             "--eval_problems=8", f"--run_dir={run_dir}"])
-    check_run(p, run_dir, 2)
-
-
-def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # 2 prompts per rank, 4 mini-batches: some mini-batches hold no pair on a rank (stand-in or skipped) and
-    # 1 pair per micro-batch; dpo.py ends with distributed.check_replicas, which raises unless both ranks hold
-    # identical weights and took the same number of optimizer steps
-    run_dir = str(tmp_path / "run")
-    p = run(["nice", "-n", "5", *torchrun(2, "dpo.py", "--tiny", "--num_steps=2", "--batch_prompts=4",
-                                         "--num_minibatches=4", "--micro_batch_size=2", "--eval_problems=8",
-                                         f"--run_dir={run_dir}")])
-    check_run(p, run_dir, 2)
-    assert os.path.isfile(os.path.join(run_dir, "ckpt-000002", "rng_rank1.pt"))
-
-
-def test_ddp_update_equals_single_process_update(tiny_dir):
-    # ranks with 2 and 0 pairs, then 2 and 1: the stand-in, the global skip, unequal micro-batch counts
-    p = run(["nice", "-n", "5", *torchrun(2, "tests/ddp_dpo_check.py")])
-    assert p.stdout.count("DDP update == single-process update") == 2

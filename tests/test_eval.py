@@ -2,14 +2,13 @@
 import itertools
 import json
 import random
-import sys
 from fractions import Fraction
 
 import pytest
 import torch
 
 from grpo_family import config, distributed, evaluation, gsm8k, loading, logs, tiny
-from conftest import run, single_process, torchrun
+from helpers import run, run_main, single_process, torchrun
 
 import eval_gsm8k  # noqa: E402  (importable: the script bodies run only under __main__)
 import sample  # noqa: E402
@@ -175,12 +174,14 @@ def read_jsonl(path):
         return [json.loads(l) for l in f]
 
 
-def test_eval_script_one_vs_two_processes(tmp_path):
+def test_eval_script_one_vs_two_processes(tmp_path, capsys, monkeypatch):
+    """eval_gsm8k.py in this process, then on two gloo ranks (processes of their own: two ranks): the same records."""
     rows = tiny.dataset("test")[:10]
     data = write_jsonl(tmp_path / "test.jsonl", rows)  # GSM8K format: question, answer with '#### n'
-    args = ["eval_gsm8k.py", "--tiny", f"--data_path={data}", "--limit=9", "--batch_size=4"]
-    out1 = run([sys.executable, *args, f"--out_dir={tmp_path / 'one'}"], env=ENV).stdout
-    run(torchrun(2, *args, f"--out_dir={tmp_path / 'two'}"), env=ENV)
+    args = ["--tiny", f"--data_path={data}", "--limit=9", "--batch_size=4"]
+    run_main(eval_gsm8k, [*args, f"--out_dir={tmp_path / 'one'}"], monkeypatch)
+    out1 = capsys.readouterr().out
+    run(torchrun(2, "eval_gsm8k.py", *args, f"--out_dir={tmp_path / 'two'}"), env=ENV)
     assert "strict" in out1 and "95% CI" in out1 and "Wilson" in out1
 
     p1, p2 = tmp_path / "one" / "predictions.jsonl", tmp_path / "two" / "predictions.jsonl"
@@ -211,14 +212,15 @@ def test_eval_script_one_vs_two_processes(tmp_path):
 # sample.py on a saved checkpoint, and the prompt sources
 
 
-def test_sample_on_saved_checkpoint(tmp_path, tiny_setup):
+def test_sample_on_saved_checkpoint(tmp_path, tiny_setup, capsys, monkeypatch):
     model, tok = tiny_setup
     ckpt = tmp_path / "run" / "ckpt-000001"
     model.save_pretrained(ckpt)
     tok.save_pretrained(ckpt)
     (tmp_path / "run" / "latest").write_text("ckpt-000001")
-    out = run([sys.executable, "sample.py", "--tiny", f"--model={tmp_path / 'run'}", "--num_questions=2",
-               "--num_samples=2", "--temperature=1.0"], env=ENV).stdout
+    run_main(sample, ["--tiny", f"--model={tmp_path / 'run'}", "--num_questions=2", "--num_samples=2",
+                      "--temperature=1.0"], monkeypatch)
+    out = capsys.readouterr().out
     assert f"model: {ckpt}" in out  # the run dir resolved to its latest checkpoint
     assert out.splitlines()[0] == "versions: " + json.dumps(logs.versions())
     assert "=== prompt 1/2 (reference answer" in out and "=== prompt 2/2" in out

@@ -7,13 +7,12 @@ computed (CISPO's checked against its closed form). The browser test skips witho
 import json
 import os
 import struct
-import sys
 from html.parser import HTMLParser
 
 import pytest
 import torch
 
-from conftest import F64, cli_error, run
+from helpers import F64, cli_error
 from grpo_family import rollout
 from tools import explain, explain_page, trainers
 
@@ -69,7 +68,8 @@ def test_shown_weights_are_the_gradient_of_the_trainer_s_own_loss(batch, name):
     for key, kl in (("w", True), ("pg", False)):
         for _ in range(3):
             v = torch.randn(batch.new.shape, generator=g, dtype=F64) * batch.mask
-            fd = -(objective(batch, name, batch.new + h * v, kl) - objective(batch, name, batch.new - h * v, kl)) / (2 * h)
+            up, down = objective(batch, name, batch.new + h * v, kl), objective(batch, name, batch.new - h * v, kl)
+            fd = -(up - down) / (2 * h)
             assert (t[key] * v).sum().item() == pytest.approx(fd, rel=2e-3, abs=2e-4), (key, name)
 
 
@@ -111,8 +111,7 @@ def test_states_mean_what_the_legend_says(batch):
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     out = tmp_path_factory.mktemp("explain") / "page.html"
-    p = run([sys.executable, "-m", "tools.explain", "--tiny", f"--out={out}", "--png=none"], timeout=600)
-    assert "wrote" in p.stdout
+    explain.main(["--tiny", f"--out={out}", "--png=none"])
     return out, json.load(open(str(out) + ".json"))
 
 
@@ -170,6 +169,7 @@ def test_the_command_writes_the_page_and_its_numbers(page):
     assert record["trainers"]["gspo"]["removed"] > 0.5  # GSPO's 4e-4 region is left after two steps at lr 2e-4
 
 
+@pytest.mark.slow
 def test_a_browser_renders_the_page(page, tmp_path):
     if not explain_page.find_chromium():
         if os.environ.get("EXPLAIN_BROWSER_REQUIRED"):

@@ -1,4 +1,5 @@
-"""The fast rollout (decoder.fast_decode, what rollout.generate(fast=True) calls) against the plain Hugging Face generate path."""
+"""The fast rollout (decoder.fast_decode, which rollout.generate(fast=True) calls) against the plain Hugging Face
+generate path."""
 import copy
 
 import pytest

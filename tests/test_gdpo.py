@@ -1,18 +1,14 @@
 """GDPO (gdpo.py) against the spec's vectors (ALGORITHMS.md section 11.5: TRL's normalize_then_sum = the authors'
 code, run as they are), an independent computation, the reason for decoupling (GRPO's summed reward maps
 different reward mixes to one advantage), the global batch over ranks, and short runs."""
-import json
-import math
-import os
 import statistics
-import sys
 
 import pytest
 import torch
 
 import gdpo
 import grpo
-from conftest import ADV11, F64, cli_error, run, torchrun
+from helpers import ADV11, F64
 
 CORRECT = ADV11["R"][:8]                         # the spec's q1, q2
 FORMAT = [1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
@@ -70,36 +66,3 @@ def test_weights_scale_a_rewards_share_and_zero_weight_drops_it():
 def test_config_defaults():
     cfg = gdpo.Config()
     assert (cfg.format_weight, cfg.beta, cfg.group_size, cfg.clip_eps) == (1.0, 0.04, 8, 0.2)
-
-
-def test_a_bad_setting_exits_2_with_one_line(capsys, monkeypatch):
-    line = cli_error(gdpo, ["--tiny", "--format_weight=-1"], capsys, monkeypatch)
-    assert line.startswith("gdpo.py: error: --format_weight=") and "out of range" in line
-
-
-def check_run(run_dir, steps):
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == list(range(steps + 1))
-    for r in rows[1:]:
-        assert math.isfinite(r["loss"]) and 0 <= r["reward_correct"] <= 1 and 0 <= r["reward_format"] <= 1
-        assert r["reward"] == pytest.approx(r["reward_correct"] + r["reward_format"], abs=1e-6)
-    assert os.path.isfile(os.path.join(run_dir, f"ckpt-{steps:06d}", "trainer_state.pt"))
-
-
-def test_smoke_tiny(tiny_dir, tmp_path):
-    p = run([sys.executable, "gdpo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--eval_problems=8",
-             f"--run_dir={tmp_path}"])
-    assert "held-out greedy accuracy after RL" in p.stdout + p.stderr
-    check_run(tmp_path, 2)
-
-
-def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # the batch whitening all-reduces over ranks; gdpo.py ends with distributed.check_replicas
-    run(torchrun(2, "gdpo.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
-                 "--eval_problems=8", f"--run_dir={tmp_path}"))
-    check_run(tmp_path, 2)
-
-
-def test_two_ranks_whiten_over_the_global_batch(tiny_dir):
-    p = run(torchrun(2, "tests/ddp_gdpo_check.py"), timeout=600)
-    assert p.stdout.count("global batch whitening == single process") == 2

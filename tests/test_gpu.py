@@ -10,12 +10,12 @@ matmul's tiling for another shape), so bf16 checks allow 0.1 in log-prob; fp32 o
 """
 import copy
 import importlib
+import itertools
 import json
 import math
 import os
 import sys
 import time
-import zlib
 
 import pytest
 import torch
@@ -153,8 +153,11 @@ def model_dir(tmp_path_factory, model):
 
 @pytest.mark.parametrize("name", TRAINERS)
 def test_one_step_of_every_trainer(name, model_dir, tmp_path, monkeypatch):
-    # rewards that vary within groups (a random model is never right): every trainer has a gradient to follow
-    monkeypatch.setattr(gsm8k, "correctness_reward", lambda c, a: float(zlib.crc32(c.encode()) % 2))
+    # rewards that alternate 0, 1, 0, 1 down every batch, whatever was sampled (a random model is never right, and
+    # the tiny one often writes G equal completions): every group has a spread; GFPO keeps all its G (its k
+    # shortest could all hold one reward), so it has one too
+    calls = itertools.count()
+    monkeypatch.setattr(gsm8k, "correctness_reward", lambda c, a: float(next(calls) % 2))
     run_dir, (module, _, lora) = tmp_path / "run", name.partition("+")
     if lora:
         pytest.importorskip("peft")
@@ -162,7 +165,8 @@ def test_one_step_of_every_trainer(name, model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [f"{module}.py", "--tiny", f"--model={model_dir}", "--num_steps=1",
                                       "--batch_prompts=2", "--eval_every=0", "--eval_problems=2", "--save_every=1",
                                       "--micro_batch_size=8", "--gradient_checkpointing=true",
-                                      *(["--lora_rank=16"] if lora else []), f"--run_dir={run_dir}"])
+                                      *(["--lora_rank=16"] if lora else []),
+                                      *(["--keep=16"] if module == "gfpo" else []), f"--run_dir={run_dir}"])
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -189,7 +193,7 @@ def test_one_fsdp_step_under_torchrun(model_dir, tmp_path):
     """--fsdp's own path on this device, one process under torchrun (nothing is split over one rank, but on CUDA
     this is FSDP2's bf16 mixed precision instead of autocast, the bf16 decode copy, the fast decoder and its CUDA
     graphs on that copy, and the whole-state checkpoint): one step trains, and the checkpoint loads as a plain model."""
-    from conftest import run, torchrun
+    from helpers import run, torchrun
     run_dir = tmp_path / "run"
     t0 = time.time()
     run(torchrun(1, "grpo.py", "--tiny", f"--model={model_dir}", "--fsdp", "--num_steps=1", "--batch_prompts=2",

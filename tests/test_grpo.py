@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import grpo
-from conftest import REWARDS, padded, toy, value_and_dj
+from helpers import REWARDS, padded, toy, value_and_dj
 
 
 def toy_loss(beta, adv=None):

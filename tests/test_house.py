@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from tools import trainers
 
 PACKAGES = ("grpo_family", "tools")

@@ -9,7 +9,7 @@ from importlib.metadata import packages_distributions
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from tools import lock
 
 OPTIONAL = {"matplotlib", "wandb"}  # imported inside a function, with an error that names the install command

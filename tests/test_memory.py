@@ -1,17 +1,16 @@
-"""tools/memory.py, the predictor: it runs the trainers' own step on fake tensors, so (1) on the CPU its peak equals what a
-real CPU step allocates, measured independently (torch.profiler's allocation events); (2) every trainer's
+"""tools/memory.py, the predictor: it runs the trainers' own step on fake tensors, so (1) on the CPU its peak equals
+what a real CPU step allocates, measured independently (torch.profiler's allocation events); (2) every trainer's
 breakdown adds up and holds what the settings say (fp32 weights, AdamW's two moments, LoRA's few trained
 parameters); (3) a change to the settings moves it the way the code says it must; (4) its CLI errors are one line;
 (5) README's table is what the command prints."""
 import json
 import re
-import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT, cli_error
+from helpers import ROOT, cli_error
 
 from tools import harness, memory, prediction, trainers
 
@@ -25,13 +24,14 @@ def predict(name, flags, shape="tiny", gpus=1, cuda=False, prompt_len=77):
 
 # (shape, prompt tokens, flags): the tiny default as it trains, and the 1.5B model's width (hidden 1536, the
 # 151,936-token vocabulary, its MLP) with 2 layers, gradient checkpointing and the chunked log-probs of a real run
-MEASURED = [("tiny", 77, TINY_FLAGS + ["--gradient_checkpointing=true"]),
-            ("tiny", 77, TINY_FLAGS + ["--lora_rank=8"]),
-            ("width2", 24, ["--batch_prompts=2", "--group_size=4", "--max_new_tokens=16", "--micro_batch_size=4",
-                            "--num_minibatches=2", "--fast_rollout=true", "--gradient_checkpointing=true"])]
+MEASURED = [pytest.param("tiny", 77, TINY_FLAGS + ["--gradient_checkpointing=true"], id="tiny"),
+            pytest.param("tiny", 77, TINY_FLAGS + ["--lora_rank=8"], id="tiny-lora"),
+            pytest.param("width2", 24, ["--batch_prompts=2", "--group_size=4", "--max_new_tokens=16",
+                                        "--micro_batch_size=4", "--num_minibatches=2", "--fast_rollout=true",
+                                        "--gradient_checkpointing=true"], id="width2", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("shape,prompt_len,flags", MEASURED, ids=["tiny", "tiny-lora", "width2"])
+@pytest.mark.parametrize("shape,prompt_len,flags", MEASURED)
 def test_the_predicted_peak_is_what_a_real_cpu_step_allocates(shape, prompt_len, flags):
     """The same step for real on the CPU (random weights; EOS never drawn, so every completion runs to the cap, as
     predicted; nothing skipped), its allocations recorded by torch.profiler, its FLOPs counted op by op.
@@ -89,6 +89,7 @@ def test_the_cuda_path_holds_bf16_copies_and_lora_trains_few_parameters():
     assert lora.peak < full.peak
 
 
+@pytest.mark.slow
 def test_the_1_5b_prediction_takes_under_a_minute_and_matches_readme():
     """The real shape, grpo at its defaults: README's table cell is what memory.py predicts today."""
     t0 = time.time()
@@ -129,10 +130,10 @@ def test_user_errors_are_one_line(argv, needle, capsys, monkeypatch):
     assert needle in cli_error(memory, argv, capsys, monkeypatch)
 
 
-def test_the_command_prints_the_breakdown():
-    p = subprocess.run([sys.executable, "-m", "tools.memory", "gspo", "--shape=tiny", "--tiny"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+def test_the_command_prints_the_breakdown(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memory.py", "gspo", "--shape=tiny", "--tiny"])
+    memory.main()
+    out = capsys.readouterr().out
     for needle in ("gspo.py on the tiny shape", "PREDICTED", "peak memory", "weights", "optimizer state",
                    "FLOPs per GPU", "H100-80GB"):
-        assert needle in p.stdout, p.stdout
+        assert needle in out, out

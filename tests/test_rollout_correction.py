@@ -13,7 +13,7 @@ from grpo_family import decoder, gsm8k, loading, logprobs, rollout, tiny
 import dapo
 import dpo
 import grpo
-from conftest import F64, ROOT, assert_finite_differences, cli_error, run, toy11, value_and_dj
+from helpers import F64, ROOT, assert_finite_differences, cli_error, run_main, toy11, value_and_dj
 from tools import trainers
 
 CPU = torch.device("cpu")
@@ -179,10 +179,10 @@ def test_a_bf16_decoder_on_the_cpu_shows_the_mismatch(setup, capsys):
 # runs: what is logged, what is refused, who inherits it
 
 
-def test_a_corrected_run_logs_the_mismatch_and_the_weights(tmp_path):
+def test_a_corrected_run_logs_the_mismatch_and_the_weights(tmp_path, monkeypatch):
     rd = tmp_path / "run"
-    run(["python", "grpo.py", "--tiny", "--num_steps=2", "--eval_every=0", "--eval_problems=8", f"--run_dir={rd}",
-         "--rollout_correction=seq_mask", "--rc_min=0.5", "--rc_max=2"], timeout=600)
+    run_main(grpo, ["--tiny", "--num_steps=2", "--eval_every=0", "--eval_problems=8", f"--run_dir={rd}",
+                    "--rollout_correction=seq_mask", "--rc_min=0.5", "--rc_max=2"], monkeypatch)
     rows = [json.loads(l) for l in open(rd / "metrics.jsonl")]
     for m in rows[1:]:
         assert 0 <= m["mismatch"] < 1e-4 and abs(m["mismatch_kl"]) < 1e-6  # fp32 plain path: μ = π_old to rounding

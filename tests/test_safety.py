@@ -1,16 +1,24 @@
 """Nothing runs, nothing is lost: a crafted checkpoint never executes code, and a diverged update stops the run
 before it is logged or saved (the safety issue's items 1 and 2)."""
+import errno
+import importlib
 import json
 import os
-import subprocess
+import shutil
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run
-from test_user_errors import FAST, fails
+import eval_gsm8k
+import grpo
+import sample
+from grpo_family import checkpoint, config, gsm8k, loading, rollout
+from helpers import cli_error, run_main, single_process
+from tools import bench, trainers
+
+FAST = ["--tiny", "--batch_prompts=4", "--group_size=4", "--eval_problems=8", "--eval_every=0"]
 
 
 class Payload:
@@ -23,32 +31,36 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, tiny_dir):
+def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, tiny_dir, capsys, monkeypatch):
     run_dir = tmp_path / "run"
-    run(["python", "grpo.py", *FAST, "--num_steps=1", f"--run_dir={run_dir}"])
+    run_main(grpo, [*FAST, "--num_steps=1", f"--run_dir={run_dir}"], monkeypatch)
     state_path = run_dir / "ckpt-000001" / "trainer_state.pt"
     state = torch.load(state_path, weights_only=True)  # what the run wrote is plain data
     marker = tmp_path / "payload-ran"
-    state["extra"] = {"x": Payload(marker)}  # before: loaded with weights_only=False, the command ran, exit 0
+    state["extra"] = {"x": Payload(marker)}  # loading must refuse it, never run the command
     torch.save(state, state_path)
-    line = fails([*FAST, "--num_steps=2", f"--run_dir={run_dir}", f"--resume={run_dir}"],
-                 "trainer_state.pt: refused", "objects that loading would run", "posix.system")
+    line = cli_error(grpo, [*FAST, "--num_steps=2", f"--run_dir={run_dir}", f"--resume={run_dir}"], capsys, monkeypatch)
+    assert all(w in line for w in ("trainer_state.pt: refused", "objects that loading would run", "posix.system"))
     assert not marker.exists(), f"the payload ran: {line}"
     rng_path = run_dir / "ckpt-000001" / "rng_rank0.pt"  # the RNG file too: it is loaded the same way
     state["extra"] = {}
     torch.save(state, state_path)
     torch.save({"python": Payload(marker)}, rng_path)
-    fails([*FAST, "--num_steps=2", f"--run_dir={run_dir}", f"--resume={run_dir}"], "rng_rank0.pt: refused")
+    line = cli_error(grpo, [*FAST, "--num_steps=2", f"--run_dir={run_dir}", f"--resume={run_dir}"], capsys, monkeypatch)
+    assert "rng_rank0.pt: refused" in line
     assert not marker.exists()
 
 
-def test_a_diverged_update_stops_the_run_and_is_never_saved(tmp_path, tiny_dir):
+def test_a_diverged_update_stops_the_run_and_is_never_saved(tmp_path, tiny_dir, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     # lr 1e3: the first update blows the weights up, the next step's loss and gradient norm are not finite
-    p = subprocess.run([sys.executable, "grpo.py", *FAST, "--lr=1e3", "--warmup_steps=1", "--num_steps=4",
-                        "--save_every=1", f"--run_dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    line = p.stderr.strip().splitlines()[-1]  # the lines before it are the progress bar's
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", ["grpo.py", *FAST, "--lr=1e3", "--warmup_steps=1", "--num_steps=4",
+                                      "--save_every=1", f"--run_dir={run_dir}"])
+    with pytest.raises(SystemExit) as exc:
+        config.run(grpo.main)
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # the lines before it are the progress bar's
+    assert exc.value.code == 2 and "Traceback" not in err, err[-3000:]
     assert line.startswith("grpo.py: error: step ") and "not finite" in line and "--lr=1000.0" in line, line
     step = int(line.split("step ")[1].split(":")[0])
     assert 1 <= step <= 4
@@ -63,8 +75,6 @@ def test_a_diverged_update_stops_the_run_and_is_never_saved(tmp_path, tiny_dir):
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, tiny_dir):
-    import grpo
-    from conftest import single_process
     lm = loading.model(tiny_dir, torch.device("cpu"))
     (tmp_path / "run_id").write_text("r")
     with torch.no_grad():
@@ -79,13 +89,11 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_dir):
 # -----------------------------------------------------------------------------
 # 4. signs and numbers: a dash before a number is a minus or makes it unreadable, never dropped
 
-from grpo_family import checkpoint, config, gsm8k, loading, rollout
-
 
 @pytest.mark.parametrize("completion", [
     "#### -\u00a03", "#### -\u200b3", "#### -\t3", "#### -  3", "#### -\u200e3", "#### \u20133", "#### \uff0d3",
-    "#### \u20103", "#### \u2014 3", "#### -\u2066\u20663", "#### -$\u00a03",  # before: each read as 3, reward 1.0
-    "#### 1_000", "#### 1'000", "#### 1\u2019000", "#### 3\u00bd", "#### 3\u20441"])  # before: read as 1, 3, 3
+    "#### \u20103", "#### \u2014 3", "#### -\u2066\u20663", "#### -$\u00a03",  # none may read as 3
+    "#### 1_000", "#### 1'000", "#### 1\u2019000", "#### 3\u00bd", "#### 3\u20441"])  # none may read as 1 or 3
 def test_an_unread_sign_or_joined_number_is_no_match(completion):
     ref = completion.split("####")[1].strip("- \u00a0\u200b\t\u200e\u2013\uff0d\u2010\u2014\u2066$")[:1]
     assert gsm8k.extract_answer(completion) is None
@@ -111,20 +119,21 @@ def test_latex_fractions_are_not_read_as_one_of_their_parts():
 # 3. a run dir is this project's run dir, nothing else; a resumed run reads as one run
 
 
-def test_a_model_dir_or_a_foreign_dir_is_never_a_run_dir(tmp_path, tiny_dir):
-    import shutil
+def test_a_model_dir_or_a_foreign_dir_is_never_a_run_dir(tmp_path, tiny_dir, capsys, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
     before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
-    for extra in ([], ["--overwrite"]):  # before: the model's config.json became the trainer's settings
-        fails([*FAST, "--num_steps=1", f"--run_dir={model}", *extra], "holds files no run of this project writes",
-              "model.safetensors", "nothing there was changed")
+    for extra in ([], ["--overwrite"]):  # the model's files stay untouched
+        line = cli_error(grpo, [*FAST, "--num_steps=1", f"--run_dir={model}", *extra], capsys, monkeypatch)
+        assert all(w in line for w in ("holds files no run of this project writes", "model.safetensors",
+                                       "nothing there was changed")), line
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
     other = tmp_path / "other"  # run files with no run_id: not ours; --overwrite deleted them anywhere, `/` too
     (other / "ckpt-000001").mkdir(parents=True)
     (other / "latest").write_text("ckpt-000001")
     (other / "metrics.jsonl").write_text("")
-    fails([*FAST, "--num_steps=1", f"--run_dir={other}", "--overwrite"], "has no run_id file")
+    line = cli_error(grpo, [*FAST, "--num_steps=1", f"--run_dir={other}", "--overwrite"], capsys, monkeypatch)
+    assert "has no run_id file" in line
     assert sorted(p.name for p in other.iterdir()) == ["ckpt-000001", "latest", "metrics.jsonl"]
 
 
@@ -135,19 +144,21 @@ def test_latest_is_never_followed_out_of_the_run_dir(tmp_path, named):
         checkpoint.resolve_latest(str(tmp_path))
 
 
-def test_a_resumed_run_reads_as_one_run_and_another_trainer_cannot_resume_it(tmp_path, tiny_dir):
+def test_a_resumed_run_reads_as_one_run_and_another_trainer_cannot_resume_it(tmp_path, tiny_dir, capsys, monkeypatch):
     run_dir = tmp_path / "run"
-    run(["python", "grpo.py", *FAST, "--num_steps=3", "--save_every=2", f"--run_dir={run_dir}"])
-    import shutil  # as if killed after logging step 3, before saving it: `latest` names ckpt-000002
+    run_main(grpo, [*FAST, "--num_steps=3", "--save_every=2", f"--run_dir={run_dir}"], monkeypatch)
+    # as if killed after logging step 3, before saving it: `latest` names ckpt-000002
     shutil.rmtree(run_dir / "ckpt-000003")
     (run_dir / "latest").write_text("ckpt-000002")
     (run_dir / "latest.tmp").write_text("ckpt-000003")  # what a crash between two renames leaves
-    # before: dapo.py resumed grpo's checkpoint "exactly" and exited 0
-    fails([*FAST, "--num_steps=4", f"--run_dir={run_dir}", f"--resume={run_dir}"], "was written by grpo.py, not dapo.py",
-          script="dapo.py")
-    run(["python", "grpo.py", *FAST, "--num_steps=4", "--save_every=2", f"--run_dir={run_dir}", f"--resume={run_dir}"])
+    # dapo.py must not resume grpo.py's checkpoint
+    line = cli_error(trainers.load("dapo"), [*FAST, "--num_steps=4", f"--run_dir={run_dir}", f"--resume={run_dir}"],
+                     capsys, monkeypatch)
+    assert "was written by grpo.py, not dapo.py" in line
+    run_main(grpo, [*FAST, "--num_steps=4", "--save_every=2", f"--run_dir={run_dir}", f"--resume={run_dir}"],
+             monkeypatch)
     steps = [json.loads(x)["step"] for x in open(run_dir / "metrics.jsonl")]
-    assert steps == [0, 1, 2, 3, 4], steps  # before: [0, 1, 2, 3, 3, 4], step 3 twice (logged, not saved, run again)
+    assert steps == [0, 1, 2, 3, 4], steps  # step 3 once, though it was logged, not saved, and run again
     assert not (run_dir / "latest.tmp").exists()
     assert json.load(open(run_dir / "ckpt-000004" / "run_config.json"))["trainer"] == "grpo"
 
@@ -164,10 +175,8 @@ def test_a_resumed_run_reads_as_one_run_and_another_trainer_cannot_resume_it(tmp
     ("eval_gsm8k", ["--temperature=nan"], "--temperature=nan"), ("eval_gsm8k", ["--temperature=inf"], "[0, inf)"),
     ("eval_gsm8k", ["--temperature=-1"], "--temperature=-1.0"), ("eval_gsm8k", ["--split=bogus"], "{test, train}")])
 def test_sample_and_eval_refuse_bad_values_in_one_line(script, argv, words, capsys, monkeypatch):
-    import importlib
 
-    from conftest import cli_error
-    line = cli_error(importlib.import_module(script), ["--tiny", *argv], capsys, monkeypatch)  # before: accepted
+    line = cli_error(importlib.import_module(script), ["--tiny", *argv], capsys, monkeypatch)  # refused, not accepted
     assert words in line, line
 
 
@@ -178,20 +187,16 @@ def test_sample_and_eval_refuse_bad_values_in_one_line(script, argv, words, caps
     (["--repeats=0"], "--repeats=0"), (["--threads=-1"], "--threads=-1"), (["--temperature=0"], "(0, inf)"),
     (["--device=tpu"], "{auto, cpu, cuda}"), (["--beta=nan"], "--beta=nan"), (["--top_p=0"], "(0, 1]")])
 def test_bench_refuses_bad_values_in_one_line(argv, words, capsys, monkeypatch):
-    from tools import bench
-    from conftest import cli_error
-    assert words in cli_error(bench, ["--tiny", *argv], capsys, monkeypatch)  # before: a traceback, or accepted
+    assert words in cli_error(bench, ["--tiny", *argv], capsys, monkeypatch)  # one line, no traceback
 
 
-def test_damaged_checkpoint_contents_are_one_line_errors(tmp_path, tiny_dir):
-    import grpo
-    from conftest import single_process
+def test_damaged_checkpoint_contents_are_one_line_errors(tmp_path, tiny_dir, capsys, monkeypatch):
     run_dir = tmp_path / "run"
-    run(["python", "grpo.py", *FAST, "--num_steps=1", f"--run_dir={run_dir}"])
+    run_main(grpo, [*FAST, "--num_steps=1", f"--run_dir={run_dir}"], monkeypatch)
     ckpt = run_dir / "ckpt-000001"
     opt = torch.optim.AdamW(loading.model(tiny_dir, torch.device("cpu")).parameters())
     good = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    for change, words in [(lambda s: s.pop("world_size"), "world_size missing"),  # before: KeyError 'world_size'
+    for change, words in [(lambda s: s.pop("world_size"), "world_size missing"),  # named, no KeyError
                           (lambda s: s.update(step="2"), "step missing or of the wrong type"),
                           (lambda s: s.update(optimizer={"state": {}, "param_groups": [{}]}), "does not fit this run")]:
         state = dict(good)
@@ -203,23 +208,22 @@ def test_damaged_checkpoint_contents_are_one_line_errors(tmp_path, tiny_dir):
     cfg = grpo.Config(resume=str(ckpt), run_dir=str(tmp_path / "new"), num_steps=5)
     saved = (ckpt / "run_config.json").read_text()
     for text in ['{"config": {}, "run_id": "r", "step": "2"}', "{}", '{"config": [1], "run_id": "r", "step": 1}', "[1]"]:
-        (ckpt / "run_config.json").write_text(text)  # before: TypeError or KeyError tracebacks
+        (ckpt / "run_config.json").write_text(text)  # one line, no traceback
         with pytest.raises(config.UserError, match="run_config.json: damaged or not written by this project"):
             checkpoint.start_run(cfg, single_process())
     (ckpt / "run_config.json").write_text(saved)
 
 
 def test_sample_prompt_files_that_would_crash_later_are_refused_first(tmp_path):
-    import sample
     binary = tmp_path / "q.txt"
-    binary.write_bytes(b"\xff\xfe\x00\x01 what")  # before: UnicodeDecodeError traceback
+    binary.write_bytes(b"\xff\xfe\x00\x01 what")  # one line, no UnicodeDecodeError
     with pytest.raises(config.UserError, match="not UTF-8 text"):
         sample.read_prompt_file(str(binary))
     binary.write_bytes(b"What is 2+2?\x00\x00\n")
     with pytest.raises(config.UserError, match="NUL bytes"):
         sample.read_prompt_file(str(binary))
     jl = tmp_path / "q.jsonl"
-    for answer in ['"two"', "true", '"####"', "[1]"]:  # before: a crash after generating every completion
+    for answer in ['"two"', "true", '"####"', "[1]"]:  # refused before generating anything
         jl.write_text('{"question": "a", "answer": 2}\n{"question": "b", "answer": %s}\n' % answer)
         with pytest.raises(config.UserError, match=r"q.jsonl:2: 'answer' .* is not a number"):
             sample.read_prompt_file(str(jl))
@@ -228,29 +232,21 @@ def test_sample_prompt_files_that_would_crash_later_are_refused_first(tmp_path):
 
 
 def test_eval_checks_its_out_dir_before_evaluating(tmp_path, capsys, monkeypatch):
-    import eval_gsm8k
-    from conftest import cli_error
-    (tmp_path / "a_file").write_text("")  # before: the whole evaluation ran, then writing failed with a traceback
+    (tmp_path / "a_file").write_text("")  # refused before the evaluation runs
     line = cli_error(eval_gsm8k, ["--tiny", f"--out_dir={tmp_path / 'a_file' / 'out'}"], capsys, monkeypatch)
     assert "is not a writable folder" in line and "Not a directory" in line
 
 
 @pytest.mark.parametrize("module,argv,words", [
-    ("grpo", ["--seed=18446744073709551616"], "--seed=18446744073709551616 is out of range"),  # before: a traceback
+    ("grpo", ["--seed=18446744073709551616"], "--seed=18446744073709551616 is out of range"),  # one line, no traceback
     ("grpo", ["--seed=-1"], "[0, 1e18]"), ("sample", ["--seed=1e30"], "expects an integer"),
-    ("gtpo", ["--ent_initial=nan"], "--ent_initial=nan is out of range")])  # before: accepted
+    ("gtpo", ["--ent_initial=nan"], "--ent_initial=nan is out of range")])  # refused, not accepted
 def test_seeds_and_gtpo_entropy_are_checked(module, argv, words, capsys, monkeypatch):
-    import importlib
 
-    from conftest import cli_error
     assert words in cli_error(importlib.import_module(module), ["--tiny", *argv], capsys, monkeypatch)
 
 
 # 5. a full disk or a read-only run dir during a save: one line naming the path, `latest` intact, no partial copy
-import errno  # noqa: E402
-
-import grpo  # noqa: E402
-from conftest import cli_error  # noqa: E402
 
 
 @pytest.mark.parametrize("where,code", [("makedirs", errno.EROFS), ("torch.save", errno.ENOSPC)])
@@ -280,9 +276,8 @@ def test_a_save_that_cannot_write_stops_in_one_line_and_keeps_latest(where, code
 
 
 def test_a_prompt_past_the_context_length_is_refused_before_generating(tmp_path, tiny_dir, capsys, monkeypatch):
-    import sample
     prompts = tmp_path / "q.txt"
-    prompts.write_text("What is 2+2?\n" + "what is 3+3? " * 240_000 + "\n")  # a 3 MB line (before: never checked)
+    prompts.write_text("What is 2+2?\n" + "what is 3+3? " * 240_000 + "\n")  # a 3 MB line (checked before generating)
     monkeypatch.setattr(rollout, "generate", lambda *a, **k: pytest.fail("generated before checking the prompts"))
     line = cli_error(sample, ["--tiny", f"--prompt_file={prompts}", "--max_new_tokens=32"], capsys, monkeypatch)
     assert "prompt 2 is " in line and "context of 512 tokens" in line and "--max_new_tokens=32" in line, line

@@ -1,13 +1,11 @@
 """Nothing silently wrong: the answer parser, run directories, settings and error messages.
 
-Each test here failed on the code before the reader-first refactor (commit b63a5c5), as its comment
-says; together they cover the numbered items of the "nothing silently wrong" issue.
+Each test states a requirement and the fault it keeps out; together they cover the numbered items of the
+"nothing silently wrong" issue.
 """
 import json
 import os
-import subprocess
 import sys
-import time
 from fractions import Fraction
 
 import pytest
@@ -15,23 +13,9 @@ import torch
 
 from grpo_family import checkpoint, config, evaluation, gsm8k, loading
 import grpo
-from conftest import ROOT, cli_error, run, single_process
+from helpers import cli_error, fails, run_main, single_process
 
 FAST = ["--tiny", "--batch_prompts=4", "--group_size=4", "--eval_problems=8", "--eval_every=0"]
-
-
-def fails(argv, *words, script="grpo.py"):
-    """Run `script argv` (a tool as `python -m tools.<name>`); assert exit status 2 and one stderr line, no
-    traceback, naming every word."""
-    tool = script.startswith("tools/")
-    cmd = [sys.executable, "-m", script[:-3].replace("/", ".")] if tool else [sys.executable, script]
-    p = subprocess.run([*cmd, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2, f"exit {p.returncode}, expected 2\n{p.stderr[-3000:]}"
-    assert len(lines) == 1 and lines[0].startswith(f"{os.path.basename(script)}: error: "), p.stderr[-3000:]
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def user_error(argv, match, main=grpo.main, monkeypatch=None):
@@ -43,7 +27,7 @@ def user_error(argv, match, main=grpo.main, monkeypatch=None):
 
 # -----------------------------------------------------------------------------
 # 1. the answer parser's work is flat in the completion's length: a 1 MB adversarial completion costs what a short
-# one does (before: quadratic, minutes; then linear, 0.35 s of CPU per MB of '1,'). Counted, not timed, so a
+# one does: linear in it, not quadratic. Counted, not timed, so a
 # loaded machine cannot make it flaky: every regex the readers run is metered by the characters it may read.
 
 ADVERSARIAL = {
@@ -103,21 +87,21 @@ def test_numbers_past_the_length_limit_are_no_match():
 
 
 @pytest.mark.parametrize("completion,reference,score", [
-    ("#### \u22123", "#### 3", 0.0),        # the Unicode minus keeps its sign (before: read as 3)
+    ("#### \u22123", "#### 3", 0.0),        # the Unicode minus keeps its sign (not read as 3)
     ("#### \u22123", "#### -3", 1.0),
-    ("#### 1e5", "#### 100000", 1.0),       # exponents are read (before: 1e5 read as 1)
+    ("#### 1e5", "#### 100000", 1.0),       # exponents are read (not as 1)
     ("#### 2.5e3", "#### 2500", 1.0),
     ("#### 2.5e3", "#### 2.5", 0.0),
-    ("#### 1 234", "#### 1", 0.0),          # digit groups split by a space: ambiguous, no match (before: 1)
+    ("#### 1 234", "#### 1", 0.0),          # digit groups split by a space: ambiguous, no match (not 1)
     ("#### 1 234", "#### 1234", 0.0),
     ("#### 1\u200b234", "#### 1", 0.0),     # ... or by an invisible character
-    ("#### 3 1/2", "#### 3", 0.0),          # a mixed number is 7/2 (before: 3)
+    ("#### 3 1/2", "#### 3", 0.0),          # a mixed number is 7/2 (not 3)
     ("#### 3 1/2", "#### 3.5", 1.0),
-    ("#### \u0661\u0668", "#### 18", 0.0),  # Arabic-Indic digits are not read (before: 18)
+    ("#### \u0661\u0668", "#### 18", 0.0),  # Arabic-Indic digits are not read (not as 18)
     ("#### \uff11\uff18", "#### 18", 0.0),  # nor full-width ones
     ("#### 12,34", "#### 1234", 0.0),       # badly grouped thousands: ambiguous
     ("#### 1.5.3", "#### 1.5", 0.0),
-    ("#### 18", "18", 1.0),                 # a bare reference number is read (before: every completion 0)
+    ("#### 18", "18", 1.0),                 # a bare reference number is read (or every completion scores 0)
     ("#### 17", "18", 0.0),
 ])
 def test_careful_grader_decisions(completion, reference, score):
@@ -126,7 +110,7 @@ def test_careful_grader_decisions(completion, reference, score):
 
 
 def test_giant_equal_answers_match():
-    big = "7" * 5000  # past Python's 4,300-digit int conversion limit (before: None, so 0)
+    big = "7" * 5000  # past Python's 4,300-digit int conversion limit (still read exactly)
     assert gsm8k.correctness_reward(f"#### {big}", f"#### {big}") == 1.0
     assert gsm8k.correctness_reward(f"#### {big}8", f"#### {big}") == 0.0
     assert gsm8k.extract_answer(f"#### {big}000") == gsm8k.extract_answer(f"#### {big}e3")
@@ -141,11 +125,11 @@ def test_numbers_compare_exactly_with_fractions_and_ints():
 
 def test_bad_references_and_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="no readable '#### <number>' line"):
-        gsm8k.correctness_reward("#### 18", "eighteen")  # before: silently 0 for every completion
+        gsm8k.correctness_reward("#### 18", "eighteen")  # not silently 0 for every completion
     with pytest.raises(TypeError, match="completion must be a string, got int"):
-        gsm8k.correctness_reward(18, "#### 18")          # before: an unhelpful TypeError
+        gsm8k.correctness_reward(18, "#### 18")          # not an unhelpful TypeError
     with pytest.raises(TypeError, match="reference answer must be a string, got int"):
-        gsm8k.correctness_reward("#### 18", 18)          # before: 0
+        gsm8k.correctness_reward("#### 18", 18)          # an error, not a score of 0
     with pytest.raises(TypeError, match="completion must be a string"):
         gsm8k.format_reward(None)
 
@@ -156,11 +140,11 @@ def test_bad_references_and_inputs_are_clear_errors():
 
 def test_a_fresh_run_into_a_used_run_dir_stops_and_overwrite_starts_over(tiny_dir, tmp_path, capsys, monkeypatch):
     r = tmp_path / "R"
-    run([sys.executable, "grpo.py", *FAST, "--num_steps=3", "--save_every=1", f"--run_dir={r}"])
-    # before: the second run trained, then its cleanup deleted its own checkpoint and `latest` named nothing
+    run_main(grpo, [*FAST, "--num_steps=3", "--save_every=1", f"--run_dir={r}"], monkeypatch)
+    # a second run must not train there and then delete what `latest` names
     line = cli_error(grpo, [*FAST, "--num_steps=1", f"--run_dir={r}"], capsys, monkeypatch)
     assert all(w in line for w in ("already holds another run", "--resume=", "--overwrite")), line
-    run([sys.executable, "grpo.py", *FAST, "--num_steps=1", f"--run_dir={r}", "--overwrite"])
+    run_main(grpo, [*FAST, "--num_steps=1", f"--run_dir={r}", "--overwrite"], monkeypatch)
     assert sorted(x for x in os.listdir(r) if x.startswith("ckpt")) == ["ckpt-000001"]
     assert (r / "latest").read_text() == "ckpt-000001" and (r / "ckpt-000001" / "trainer_state.pt").is_file()
     assert [json.loads(l)["step"] for l in open(r / "metrics.jsonl")] == [0, 1]  # only the new run's log
@@ -168,15 +152,15 @@ def test_a_fresh_run_into_a_used_run_dir_stops_and_overwrite_starts_over(tiny_di
 
 def test_resume_refuses_changed_settings_and_allows_more_steps(tiny_dir, tmp_path, capsys, monkeypatch):
     r = tmp_path / "R"
-    run([sys.executable, "grpo.py", *FAST, "--num_steps=1", f"--run_dir={r}"])
-    # before: --resume continued silently with the new seed and learning rate
+    run_main(grpo, [*FAST, "--num_steps=1", f"--run_dir={r}"], monkeypatch)
+    # --resume must not continue silently with another seed and learning rate
     msg = cli_error(grpo, [*FAST, "--num_steps=2", f"--run_dir={r}", f"--resume={r}", "--lr=1e-3", "--seed=5"],
                     capsys, monkeypatch)
     assert "saved with other settings" in msg
     assert "--lr=0.001 (saved: 0.0002)" in msg and "--seed=5 (saved: 0)" in msg
     user_error([*FAST, "--num_steps=1", f"--run_dir={r}", f"--resume={r}"], "at step 1 and --num_steps=1: nothing to do",
-               monkeypatch=monkeypatch)  # before: exit 0, saying nothing
-    run([sys.executable, "grpo.py", *FAST, "--num_steps=2", f"--run_dir={r}", f"--resume={r}"])
+               monkeypatch=monkeypatch)  # not exit 0, saying nothing
+    run_main(grpo, [*FAST, "--num_steps=2", f"--run_dir={r}", f"--resume={r}"], monkeypatch)
     assert (r / "latest").read_text() == "ckpt-000002"
 
 
@@ -204,7 +188,7 @@ def test_cleanup_deletes_only_this_runs_checkpoints(tiny_dir, tmp_path):
 
 
 def test_a_crash_while_re_saving_leaves_latest_loadable(tmp_path):
-    # the window: the old copy renamed away, the complete new one still in .tmp (before: latest named nothing)
+    # the window: the old copy renamed away, the complete new one still in .tmp (`latest` must still name a complete one)
     fake_checkpoint(tmp_path, 3, "me").rename(tmp_path / "ckpt-000003.tmp")
     (tmp_path / "latest").write_text("ckpt-000003")
     assert checkpoint.find(str(tmp_path)) == str(tmp_path / "ckpt-000003.tmp")
@@ -231,13 +215,13 @@ def test_a_single_data_file_is_not_used_as_held_out_data(tmp_path, monkeypatch):
     cfg = grpo.Config(data_path=str(tmp_path / "train.jsonl"))
     assert loading.problems(cfg, "train") == rows
     with pytest.raises(config.UserError, match="single file, so nothing is held out.*--test_path"):
-        loading.problems(cfg, "test")  # before: the training file, evaluated as "held-out"
+        loading.problems(cfg, "test")  # never the training file, evaluated as "held-out"
     cfg.test_path = str(tmp_path / "train.jsonl")
     assert loading.problems(cfg, "test") == rows
 
 
 def test_tiny_honours_an_explicit_model(monkeypatch, tmp_path):
-    # before: --tiny replaced --model and the run trained the tiny model, exit 0
+    # --tiny must not replace an explicit --model
     user_error(["--tiny", "--model=/nonexistent", f"--run_dir={tmp_path}"], "/nonexistent does not exist",
                monkeypatch=monkeypatch)
 
@@ -248,14 +232,20 @@ def test_tiny_honours_an_explicit_model(monkeypatch, tmp_path):
     ("clip_eps", "-1"), ("temperature", "-0.5"), ("lr", "nan"), ("max_new_tokens", "0"),
 ])
 def test_out_of_range_settings_stop_before_anything_runs(flag, value):
-    # before: each either crashed deep in torch after work was done, or was accepted
+    # each stops before any work, with one line
     with pytest.raises(config.UserError, match=f"--{flag}={value}.* out of range: it must be in"):
         config.parse(grpo.Config, ["--tiny", f"--{flag}={value}"], tiny=grpo.TINY)
 
 
 def test_user_errors_exit_2_with_one_line():
-    fails(["--tiny", "--group_size=1"], "--group_size=1", "[2, inf)")  # before: exit 0 having learned nothing
-    fails(["--tiny", "--lerning_rate=1"], "unknown config key --lerning_rate")  # before: a traceback
+    """As a command, `python grpo.py ...`: exit 2 and one line, no traceback (in process: test_trainers.py)."""
+    fails(["--tiny", "--group_size=1"], "--group_size=1", "[2, inf)")  # not a run that learns nothing
+
+
+def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    line = cli_error(grpo, [*FAST, "--num_steps=1", f"--run_dir={tmp_path}", f"--resume={tmp_path / 'none'}"],
+                     capsys, monkeypatch)
+    assert "no checkpoint at" in line
 
 
 # -----------------------------------------------------------------------------
@@ -265,31 +255,32 @@ def test_user_errors_exit_2_with_one_line():
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": "q", "answer": #### 2}\n')
-    with pytest.raises(gsm8k.DataError, match=r"train.jsonl:3: not valid JSON"):  # before: pyarrow, 73 lines
+    with pytest.raises(gsm8k.DataError, match=r"train.jsonl:3: not valid JSON"):  # the file and line, not pyarrow's 73 lines
         gsm8k.load_gsm8k("train", str(path))
     path.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q", "answer": 2}\n')
     with pytest.raises(gsm8k.DataError, match=r"train.jsonl:2: 'answer' must be a string, got int"):
-        gsm8k.load_gsm8k("train", str(path))  # before: "row 1 ... got ['answer', 'question']"
+        gsm8k.load_gsm8k("train", str(path))  # names the missing field of the row
 
 
-def test_data_errors_exit_2_from_the_trainer(tmp_path):
+def test_data_errors_exit_2_from_the_trainer(tmp_path, capsys, monkeypatch):
     (tmp_path / "train.jsonl").write_text("[1, 2]\n")
     (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
-    fails(["--tiny", f"--data_path={tmp_path}", f"--run_dir={tmp_path / 'r'}"], "train.jsonl:1: expected a JSON object")
+    line = cli_error(grpo, ["--tiny", f"--data_path={tmp_path}", f"--run_dir={tmp_path / 'r'}"], capsys, monkeypatch)
+    assert "train.jsonl:1: expected a JSON object" in line
 
 
 def test_model_load_errors_keep_their_cause(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')  # a local dir with no weights in it
     with pytest.raises(config.UserError, match=f"cannot load the model in {tmp_path}: OSError") as e:
         loading.model(str(tmp_path), torch.device("cpu"))
-    assert "hub" not in str(e.value)  # before: every OSError read "not on the hub or no network"
+    assert "hub" not in str(e.value)  # the real cause, not "not on the hub or no network"
 
 
 def test_a_run_dir_without_latest_is_named_as_such(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # what a run writes before its first checkpoint
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(config.UserError, match="a run dir with no `latest` checkpoint yet"):
-        loading.model_path(str(tmp_path), single_process())  # before: a tokenizer error about sentencepiece
+        loading.model_path(str(tmp_path), single_process())  # named as a run dir, not a tokenizer error
 
 
 def test_sample_prompt_file_errors_give_the_real_line(tmp_path, monkeypatch):
@@ -297,7 +288,7 @@ def test_sample_prompt_file_errors_give_the_real_line(tmp_path, monkeypatch):
     path = tmp_path / "p.jsonl"
     path.write_text('{"question": "a"}\n\n\n{"question": 3}\n')
     with pytest.raises(config.UserError, match=r"p.jsonl:4: expected a JSON object with a string field"):
-        sample.read_prompt_file(str(path))  # before: "line 2" (blank lines were skipped before numbering)
+        sample.read_prompt_file(str(path))  # the file's own line number, blank lines counted
     path.write_text('{"question": "a"}\n\n{oops\n')
     with pytest.raises(gsm8k.DataError, match=r"p.jsonl:3: not valid JSON"):
         sample.read_prompt_file(str(path))

@@ -19,8 +19,9 @@ counts every storage an op returns until it is freed (bytes rounded up to 512, a
 the high-water mark and what was live at it, each storage labelled by what it holds, and the FLOPs of every matmul
 and attention (torch.utils.flop_counter's formulas). The plumbing is stubbed: the model is built at the chosen
 shape, every prompt is --prompt_len tokens (GSM8K's longest by default), EOS is never drawn (every completion runs
-to max_new_tokens), checkpoints, logging and the held-out evaluation are skipped. A value read back (loss.item(), `.any()`) reads 1
-unless the tensor was made from a known number; a data-dependent size (nonzero) is its largest. CUDA's path runs on
+to max_new_tokens), checkpoints, logging and the held-out evaluation are skipped. A value read back
+(loss.item(), `.any()`) reads 1 unless the tensor was made from a known number; a data-dependent size (nonzero) is
+its largest. CUDA's path runs on
 fake CPU tensors (distributed.cuda_numerics answers yes: bf16 reference, LoRA base and decoder copies, bf16
 autocast; AdamW's foreach kernels; decode windows of 128 as the CUDA graphs take them).
 

@@ -12,8 +12,8 @@ from contextlib import nullcontext
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ddp_setup  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+from helpers import ddp_setup  # noqa: E402
 from grpo_family import config, distributed, fsdp, loading, logprobs, rollout
 import grpo  # noqa: E402
 

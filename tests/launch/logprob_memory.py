@@ -1,6 +1,6 @@
 """Peak memory of one log-prob forward + backward, chunked (logprobs.Policy) or through the full logits.
 
-    python tests/logprob_memory.py MODEL_DIR chunked|full [B] [P] [T] [CHUNK]
+    python tests/launch/logprob_memory.py MODEL_DIR chunked|full [B] [P] [T] [CHUNK]
 
 Loads the model (fp32, CPU), builds B sequences of P prompt and T completion tokens, runs the forward and
 the backward of the summed completion log-probs, and prints one JSON line: the peak resident memory above
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from grpo_family import loading, logprobs
 
 
