@@ -16,6 +16,7 @@ scripts tests/launch/ starts under torchrun.
 """
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -87,9 +88,12 @@ def fails(argv, *words, script="grpo.py"):
 
 
 def torchrun(nproc, *args):
-    """The argv of a CPU torchrun launch with `nproc` gloo processes, on a port of its own."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master-port={29500 + os.getpid() % 1000}", *args]
+    """The argv of a CPU torchrun launch with `nproc` gloo processes, on a port free now (each launch its own: a port
+    a failed launch left in use cannot fail the next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master-port={port}", *args]
 
 
 # -----------------------------------------------------------------------------
