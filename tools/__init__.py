@@ -8,6 +8,8 @@ tools: what you run that is not a trainer, for teachers and maintainers. Run eac
     python -m tools.bench --tiny              a GRPO step's phases timed; the fast rollout against generate()
     python -m tools.token_lengths --tokenizer=DIR   GSM8K's prompt and solution lengths in a tokenizer's tokens
     python -m tools.diffguide                 the generated `diff grpo.py X.py` blocks in docs/X.md
+    python -m tools.exercise --trainers=grpo  a student's copy: the algorithm's bodies blanked, graded by its tests
+    python -m tools.ablations                 the course's GRPO ablations on the tiny default: runs, table, plot
     python -m tools.lock check --installed    does this environment hold exactly requirements.lock
     tools/gpu_check.sh                        the GPU check: one call, one report (--cpu: the same at tiny shape)
 
