@@ -58,8 +58,9 @@ PANELS = [("held-out greedy accuracy", lambda r: r.get("eval/strict")),
           ("sampled accuracy", lambda r: r.get("accuracy"))]
 
 
-def run_all(cfg, algos):
-    """Launch every (trainer, seed) run, `jobs` at a time; returns {run_dir: wall seconds}."""
+def run_all(cfg, algos, command=None):
+    """Launch every (trainer, seed) run, `jobs` at a time; returns {run_dir: wall seconds}. `command(algo, seed,
+    run_dir)` gives a run's argv (default: the trainer on the tiny default, with cfg.extra)."""
     one_cpu = distributed.Dist(False, 0, 0, 1, torch.device("cpu"), True)
     loading.model_path("tiny", one_cpu)  # the tiny model built once, before the runs race to build it
     todo = [(a, s) for s in range(cfg.seeds) for a in algos]
@@ -71,8 +72,9 @@ def run_all(cfg, algos):
             algo, seed = todo.pop(0)
             run_dir = os.path.join(cfg.out_dir, f"{algo}-s{seed}")
             os.makedirs(run_dir, exist_ok=True)
-            cmd = [sys.executable, trainers.path(algo), "--tiny", f"--seed={seed}",
-                   f"--run_dir={run_dir}", "--overwrite", *cfg.extra.split()]  # a fresh run each time
+            cmd = command(algo, seed, run_dir) if command else \
+                [sys.executable, trainers.path(algo), "--tiny", f"--seed={seed}", f"--run_dir={run_dir}",
+                 "--overwrite", *cfg.extra.split()]  # a fresh run each time
             log = open(os.path.join(run_dir, "stdout.log"), "w")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=trainers.ROOT),
                             run_dir, time.time(), log))
