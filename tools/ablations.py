@@ -12,8 +12,8 @@ functions swapped for a few lines below (or with one flag), so the whole differe
 
 Why not flags in grpo.py: a flag there would add its lines to every other trainer's diff against grpo.py.
 
-    python -m tools.ablations                  # every ablation x 3 seeds (about 15 min on 2 cores), then the table
-                                               # and figure, from the compact log it writes
+    python -m tools.ablations                  # every ablation x 3 seeds (9 min on an idle 2-core machine), then
+                                               # the table and figure, from the compact log it writes
     python -m tools.ablations --logs_only      # only the table and figure, from the committed log
 
 What it holds: Config; ABLATIONS (name -> what changes, the swap, extra flags); no_baseline, no_std, no_length_norm,
@@ -81,8 +81,8 @@ ABLATIONS = {
     "no_clip": ("8 steps per rollout and ε = inf", {"policy_loss": lambda cfg: no_clip}, ["--num_minibatches=8"]),
 }
 
-KEEP = ("step", "eval/strict", "eval/lenient", "reward", "accuracy", "response_length", "entropy", "clip_frac", "kl",
-        "ratio", "grad_norm")  # the columns the compact log keeps
+KEEP = ("step", "eval/strict", "eval/lenient", "reward", "accuracy", "response_length", "entropy",
+        "clip_frac")  # the columns the table and compare's panels read, each to 6 significant digits
 
 
 def run_one(name, argv):
@@ -103,7 +103,8 @@ def compact(out_dir, names, seeds, walls):
     for name, seed_rows in compare.load_runs(out_dir, names, seeds).items():
         for seed, log in enumerate(seed_rows):
             for r in log:
-                rows.append({"ablation": name, "seed": seed, **{k: r[k] for k in KEEP if k in r}})
+                rows.append({"ablation": name, "seed": seed, **{k: float(f"{r[k]:.6g}") if isinstance(r[k], float)
+                                                                 else r[k] for k in KEEP if k in r}})
             rows[-1]["wall_s"] = round(walls[os.path.join(out_dir, f"{name}-s{seed}")], 1)
     return rows
 
