@@ -181,14 +181,15 @@ def leave(code):
 def collective_failure(e):
     """The one line for a collective that timed out or lost a peer (this rank, the last step done, and the line that
     waited: the script's own, e.g. grpo.py's step, else the plumbing's), or None if `e` is another error."""
-    if not (dist.is_initialized() and any(s in str(e) for s in ("Timed out waiting", "Connection closed by peer",
-                                                                "Connection reset by peer"))):
+    timed_out = any(s in str(e) for s in ("Timed out waiting", "Application timeout caused pair closure"))  # gloo
+    if not (dist.is_initialized() and (timed_out or any(s in str(e) for s in ("Connection closed by peer",
+                                                                              "Connection reset by peer")))):
         return None
     frames = traceback.extract_tb(e.__traceback__)
     script = [f for f in frames if os.path.abspath(f.filename) == os.path.abspath(sys.argv[0])]  # the trainer's line
     ours = script or [f for f in frames if os.path.dirname(os.path.abspath(f.filename)) in (_REPO, _PACKAGE)]
     at = f" at {os.path.basename(ours[-1].filename)}:{ours[-1].lineno}" if ours else ""
     what = (f"waited {_state['timeout']:g} s for the other ranks in a collective{at}: one of them stalled or is "
-            "far slower; see its output, or raise --dist_timeout" if "Timed out" in str(e) else
+            "far slower; see its output, or raise --dist_timeout" if timed_out else
             f"lost the connection to another rank in a collective{at}: it died or was killed; see its output")
     return f"rank {dist.get_rank()}: after step {_state['step']}, {what}"

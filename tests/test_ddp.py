@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from grpo_family import loading
+from grpo_family import distributed, loading
 import eval_gsm8k
 from helpers import ROOT, assert_same_run, run, run_main, torchrun
 from tools import trainers
@@ -198,6 +198,28 @@ def test_a_stalled_rank_stops_the_job_with_one_line(tiny_dir, tmp_path):
     step = int(lines[0].split("after step ")[1].split(",")[0])
     assert 2 <= step < 40 and f"waited {timeout} s for the other ranks" in lines[0] and "--dist_timeout" in lines[0]
     assert "rank 0:" in lines[0] and " at grpo.py:" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("message, says", [
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 10000ms for recv operation", "waited"),
+    ("Application timeout caused pair closure", "waited"),  # gloo, when the wait ends inside DDP's backward
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:4711", "lost"),
+    ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Connection reset by peer", "lost"),
+    ("mat1 and mat2 shapes cannot be multiplied", None)])
+def test_every_way_gloo_reports_a_lost_collective_is_one_line(message, says, monkeypatch):
+    """What collective_failure makes of each message gloo gives (a rank stalled: a timeout; a rank died: a lost
+    connection); any other error is not its business (None: the traceback stays)."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    monkeypatch.setitem(distributed._state, "timeout", 10.0)
+    try:
+        line = distributed.collective_failure(RuntimeError(message))
+    finally:
+        torch.distributed.destroy_process_group()
+    if says is None:
+        assert line is None
+    else:
+        assert line.startswith("rank 0: after step ") and says in line, line
+        assert ("waited 10 s" in line and "--dist_timeout" in line) == (says == "waited"), line
 
 
 def launch_two_ranks(args, out_dir, timeout):
