@@ -95,7 +95,10 @@ def build_prompt(tok, question, system_prompt=SYSTEM_PROMPT):
 # so no match can run over a whitespace run: each reader below is linear in the text's length.
 # Anything a careful grader could read two ways is no match, never a different number: a number
 # glued to more digits by spaces or invisible characters ('1 234', '1\u200b234'), badly grouped
-# commas ('12,34'), a version-like '1.5.3', non-ASCII digits (Arabic-Indic, full-width).
+# commas ('12,34'), a version-like '1.5.3', non-ASCII digits (Arabic-Indic, full-width), and one
+# rule for the rest: a punctuation, symbol or mark character between two digits that the grammar
+# does not read ('1\uff0c500', '1\u066b5', '1\u22152', '2^10', '3+4') makes the number unreadable,
+# never cut short; only letters, blanks and _SEPARATORS ('3+1=4' reads 4) part two numbers.
 
 # Each pattern consumes a whole run of digits before it branches, so a failing branch never re-scans the run.
 _EXP, _GROUPS = r"(?:[eE][-+]?\d+)?", r"(?:,\d+)*"
@@ -110,7 +113,23 @@ _BLANK = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003
           "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"  # every character str.isspace() accepts
           "\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff")  # and invisible ones
 _SKIP = re.compile("[" + _BLANK + "]*")
-_JOINERS = ".,/_'\u2019\u2044"  # between digits these continue a number ('1_000', "1'000", '1\u20442'): unreadable
+_SEPARATORS = "=<>()[]{}\u2248\u2260\u2264\u2265"  # between two digits these keep the numbers apart ('3+1=4': 4)
+
+
+def _glue(c):
+    """True for a character that, between two digits, makes one number that the grammar does not read: a separator
+    look-alike ('1\uff0c500', '1\u066b5', '1\u22152'), an operator ('2^10', '3+4'), a mark. The number is then
+    unreadable, never cut short. Letters, blanks and _SEPARATORS part two numbers."""
+    kind = unicodedata.category(c) if c else "Cn"
+    return bool(c) and not (kind in ("Lu", "Ll", "Lt", "Lo") or kind[0] == "N" or c in _BLANK or c in _SEPARATORS)
+
+
+def _glued(chars):
+    """True if `chars` open with a run of one to four _glue characters and then a digit ('\uff0c5', '**1')."""
+    n = next((i for i, c in enumerate(chars[:5]) if not _glue(c)), len(chars[:5]))
+    return 0 < n < len(chars) and chars[n].isdigit()
+
+
 _DASHES = "\u2212\u2796\u02d7\u207b\u208b"  # minus signs outside Unicode's dash punctuation (category Pd)
 
 
@@ -122,7 +141,7 @@ def _dash_before(text, start):
     for i in range(len(head) - 1, max(-1, len(head) - 66), -1):
         if head[i] in _DASHES or unicodedata.category(head[i]) == "Pd":
             return True
-        if head[i] != "$" and unicodedata.category(head[i]) not in ("Zs", "Cf", "Cc"):
+        if head[i] != "$" and unicodedata.category(head[i]) not in ("Zs", "Cf", "Cc", "Mn", "Me"):  # '-\ufe0f3'
             return False
     return len(head) > 65
 
@@ -201,12 +220,12 @@ def _read(m, text):
     if m.end() - m.start() > _MAX_NUMBER:
         return None  # longer than any answer (the window may have cut it): unreadable
     after = _SKIP.match(text, m.end(), m.end() + _NEAR).end()
-    joined = text[after:after + 1] in _JOINERS and text[after + 1:after + 2].isdigit()
+    joined = _glued(text[after:after + 5])
     if after < len(text) and (text[after].isnumeric() or joined):
-        return None  # '1 234', '1\u200b234', '1.5.3', '3/4/5', '1_000', '3\u00bd': more number follows
-    before = text[max(0, m.start() - _NEAR):m.start()].rstrip(_BLANK)[-2:]
-    if before[-1:].isnumeric() or (before[-1:] in _JOINERS and before[:1].isdigit()):
-        return None  # '1 234' read from its second group
+        return None  # '1 234', '1\u200b234', '1.5.3', '3/4/5', '1_000', '3\u00bd', '1\uff0c500', '2^10': more follows
+    before = text[max(0, m.start() - _NEAR):m.start()].rstrip(_BLANK)[-5:]
+    if before[-1:].isnumeric() or _glued(before[::-1]):
+        return None  # '1 234' or '1\uff0c500' read from its second group
     latex = text[max(0, m.start() - 2):m.start()] == "}{" or text[m.end():m.end() + 2] == "}{"
     if _dash_before(text, m.start()) or latex:
         return None  # an unread minus ('\u2013 3', '-\u00a03'), or LaTeX's \frac{3}{4} read as 3 or 4

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import sys
+import unicodedata
+from fractions import Fraction
 
 import pytest
 import torch
@@ -99,6 +101,33 @@ def test_an_unread_sign_or_joined_number_is_no_match(completion):
     assert gsm8k.extract_answer(completion) is None
     assert gsm8k.correctness_reward(completion, ref) == 0.0 and gsm8k.format_reward(completion) == 0.0
     assert gsm8k.lenient_correct(completion, ref) == 0.0
+
+
+def _every_char(*categories):
+    return [chr(i) for i in range(0x20, 0x30000) if unicodedata.category(chr(i)) in categories]
+
+
+def test_no_character_between_two_digits_cuts_the_number_short():
+    """'#### 1?5' for every punctuation, symbol and mark character ?: the number is 1.5 ('.'), 1/5 ('/') or
+    unreadable, never 1 or 5 (full-width and Arabic separators, the division slash, '^', primes, marks, ...); and the
+    same with the character doubled ('2**10')."""
+    wrong = []
+    for c in _every_char("Po", "Pd", "Pc", "Ps", "Pe", "Pi", "Pf", "Sm", "Sc", "Sk", "So", "Mn", "Me", "Cf"):
+        if c in "=<>()[]{}\u2248\u2260\u2264\u2265" or c in "#":
+            continue  # separators: '(1)5' reads 5 by design ('3+1=4' reads 4); '#' starts a new answer line
+        for text in (f"#### 1{c}5", f"#### 1{c}{c}5"):
+            got = (gsm8k.extract_answer(text), gsm8k.extract_last_number(text))
+            allowed = {".": (Fraction(3, 2), Fraction(3, 2)), "/": (Fraction(1, 5), Fraction(1, 5))}.get(text[6:-1])
+            if got != (None, None) and got != allowed:
+                wrong.append((text, got))
+    assert not wrong, wrong[:20]
+
+
+def test_a_minus_before_a_mark_or_invisible_character_is_never_dropped():
+    """'-' then a combining or invisible character then 3: unreadable (the grammar reads no such sign), never +3."""
+    wrong = [c for c in _every_char("Mn", "Me", "Cf") if gsm8k.extract_answer(f"#### -{c}3") is not None
+             or gsm8k.extract_last_number(f"x -{c}3") is not None]
+    assert not wrong, [hex(ord(c)) for c in wrong[:20]]
 
 
 def test_minus_signs_the_grammar_reads_still_count():
