@@ -254,9 +254,9 @@ def main():
             need = -(-(cfg.batch_prompts - n_kept) * n_sampled // max(n_kept, 1))
             n_round = min(cfg.batch_prompts, -(-need // d.world_size) * d.world_size)
         else:
-            raise RuntimeError(f"dynamic sampling: {n_kept} of batch_prompts={cfg.batch_prompts} groups kept after "
-                               f"{n_sampled} prompts in max_sampling_rounds={cfg.max_sampling_rounds}: nearly every "
-                               "group is all right or all wrong; raise --max_sampling_rounds or check the rewards")
+            raise config.UserError(f"dynamic sampling: {n_kept} of batch_prompts={cfg.batch_prompts} groups kept after "
+                                   f"{n_sampled} prompts in max_sampling_rounds={cfg.max_sampling_rounds}: nearly all "
+                                   "groups are all right or all wrong; raise --max_sampling_rounds or check the reward")
         r, rewards = gather_kept_groups(pool, cfg.batch_prompts, cfg.group_size, d)
         mask = r.completion_mask * ~r.truncated[:, None] if cfg.overlong_filter else r.completion_mask  # (B, T)
 

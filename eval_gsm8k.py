@@ -78,6 +78,9 @@ def check_config(cfg):
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise config.UserError("--batch_size and --max_new_tokens must be positive")
     parse_ks(cfg.ks, cfg.num_samples)
+    if loading.holds_model(cfg.out_dir):
+        raise config.UserError(f"--out_dir={cfg.out_dir} holds a model or a run: name another folder for "
+                               "predictions.jsonl and summary.json")
     try:  # the results are written after the whole evaluation: find out now that they can be
         os.makedirs(cfg.out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=cfg.out_dir):

@@ -80,9 +80,13 @@ def start_run(cfg, d):
     if cfg.resume:
         ckpt = find(cfg.resume)
         saved = read_run_config(ckpt)
-        if saved.get("trainer", run_name(type(cfg))) != run_name(type(cfg)):
-            raise UserError(f"{ckpt} was written by {saved['trainer']}.py, not {run_name(type(cfg))}.py: resume it "
-                            f"with {saved['trainer']}.py, or start a new run")
+        trainer = saved.get("trainer")
+        if not isinstance(trainer, str):  # never guessed: another trainer would go on from this one's state
+            raise UserError(f"{ckpt}/run_config.json names no trainer (damaged, or not written by this project): "
+                            "resume from another ckpt-* dir, or start a new run")
+        if trainer != run_name(type(cfg)):
+            raise UserError(f"{ckpt} was written by {trainer}.py, not {run_name(type(cfg))}.py: resume it with "
+                            f"{trainer}.py, or start a new run")
         now = dataclasses.asdict(cfg)
         diff = [f"--{k}={now[k]!r} (saved: {v!r})" for k, v in saved["config"].items()
                 if k in now and k not in RESUME_MAY_CHANGE and now[k] != v]

@@ -2,6 +2,7 @@
 loading.py: what a run starts from, the models and the problems, in the dtype and on the device it trains on.
 
     model_path      "tiny" (built once), a hub name, a local model dir, or a run dir (its `latest` checkpoint)
+    holds_model     whether a dir holds a model or checkpoint (never a place to write a tool's output)
     tokenizer       a hub name or local dir's tokenizer, left-padding, with a chat template
     model           a causal LM, fp32 by default (master weights), no pickles
     policy          the model to train, wrapped as logprobs.Policy; with --lora_rank a frozen base plus adapters
@@ -40,6 +41,13 @@ def model_path(name, d):
     if _looks_local(local):
         raise UserError(f"model or checkpoint directory {name} does not exist")
     return name  # a hub name, 'owner/name'
+
+
+def holds_model(path):
+    """True if the dir `path` holds a model, tokenizer or checkpoint: an output dir that would mix into it."""
+    found = set(os.listdir(path)) if os.path.isdir(path) else set()
+    return bool(found & {"config.json", "tokenizer.json", "tokenizer_config.json", "run_id", "latest"}) or \
+        any(x.endswith((".safetensors", ".bin")) or x.startswith("ckpt-") for x in found)
 
 
 def _looks_local(path):

@@ -1,5 +1,6 @@
 """tools/compare.py reads metrics logs, aggregates over seeds, and writes the table (and figure)."""
 import json
+import os
 import sys
 
 import pytest
@@ -54,6 +55,17 @@ def test_logs_only_cli_and_missing_log_error(tmp_path, capsys, monkeypatch):
         log.write_text(text)
         assert words in cli_error(compare, ["--logs_only", "--algos=grpo", "--seeds=2", f"--out_dir={tmp_path}"],
                                   capsys, monkeypatch)
+
+
+def test_an_out_dir_that_holds_a_model_or_a_run_is_refused(tmp_path, tiny_dir, capsys, monkeypatch):
+    """compare writes summary.md and compare.png into --out_dir: never into a model dir or a run dir."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_id").write_text("r")
+    for where in (tiny_dir, run):
+        line = cli_error(compare, ["--logs_only", "--algos=grpo", f"--out_dir={where}"], capsys, monkeypatch)
+        assert "holds a model or a run" in line, line
+    assert sorted(os.listdir(run)) == ["run_id"]
 
 
 def test_a_failed_run_stops_the_others(tmp_path, tiny_dir):

@@ -184,6 +184,15 @@ def test_a_resumed_run_reads_as_one_run_and_another_trainer_cannot_resume_it(tmp
     line = cli_error(trainers.load("dapo"), [*FAST, "--num_steps=4", f"--run_dir={run_dir}", f"--resume={run_dir}"],
                      capsys, monkeypatch)
     assert "was written by grpo.py, not dapo.py" in line
+    # a run_config.json without its trainer's name is refused by every trainer, never taken for its own
+    rc = run_dir / "ckpt-000002" / "run_config.json"
+    saved = rc.read_text()
+    rc.write_text(json.dumps({k: v for k, v in json.loads(saved).items() if k != "trainer"}))
+    for module in (trainers.load("dapo"), grpo):
+        line = cli_error(module, [*FAST, "--num_steps=4", f"--run_dir={run_dir}", f"--resume={run_dir}"], capsys,
+                         monkeypatch)
+        assert "run_config.json names no trainer" in line, line
+    rc.write_text(saved)
     run_main(grpo, [*FAST, "--num_steps=4", "--save_every=2", f"--run_dir={run_dir}", f"--resume={run_dir}"],
              monkeypatch)
     steps = [json.loads(x)["step"] for x in open(run_dir / "metrics.jsonl")]
@@ -264,6 +273,13 @@ def test_eval_checks_its_out_dir_before_evaluating(tmp_path, capsys, monkeypatch
     (tmp_path / "a_file").write_text("")  # refused before the evaluation runs
     line = cli_error(eval_gsm8k, ["--tiny", f"--out_dir={tmp_path / 'a_file' / 'out'}"], capsys, monkeypatch)
     assert "is not a writable folder" in line and "Not a directory" in line
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_id").write_text("r")
+    for where in (loading.model_path("tiny", single_process()), run):  # never written into a model or a run
+        line = cli_error(eval_gsm8k, ["--tiny", f"--out_dir={where}"], capsys, monkeypatch)
+        assert "holds a model or a run" in line, line
+    assert sorted(os.listdir(run)) == ["run_id"]
 
 
 @pytest.mark.parametrize("module,argv,words", [

@@ -209,6 +209,9 @@ def main():
         raise config.UserError(f"unknown trainer(s) {unknown} in --algos; choose from {trainers.TRAINERS}")
     if cfg.seeds < 1 or cfg.jobs < 1:
         raise config.UserError("--seeds and --jobs must be at least 1")
+    if loading.holds_model(cfg.out_dir):
+        raise config.UserError(f"--out_dir={cfg.out_dir} holds a model or a run, not runs named <algo>-s<seed>: "
+                               "name the folder that holds them")
     t0 = time.time()
     if not cfg.logs_only:
         run_all(cfg, algos)
