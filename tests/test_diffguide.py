@@ -39,3 +39,13 @@ def test_every_python_excerpt_in_the_docs_is_code_as_it_is():
                       if line.strip() not in ("", "...") and not line.strip().startswith("#")
                       and line.strip() not in code]
     assert not stale, "excerpts in docs/ that are no longer the code:\n" + "\n".join(stale[:20])
+
+
+def test_help_prints_the_usage_and_a_wrong_flag_is_one_line(capsys):
+    before = {n: open(diffguide.doc_path(n)).read() for n in diffguide.TRAINERS}
+    assert diffguide.main(["--help"]) == 0 and "python -m tools.diffguide --check" in capsys.readouterr().out
+    assert diffguide.main(["--chek"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == ["diffguide.py: error: unknown argument(s) --chek: the only option is --check "
+                                        "(see --help)"] and not out
+    assert before == {n: open(diffguide.doc_path(n)).read() for n in diffguide.TRAINERS}  # nothing rewritten

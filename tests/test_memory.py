@@ -130,6 +130,14 @@ def test_user_errors_are_one_line(argv, needle, capsys, monkeypatch):
     assert needle in cli_error(memory, argv, capsys, monkeypatch)
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["grpo", "--help"], ["-h"]])
+def test_help_prints_the_usage_and_runs_nothing(argv, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memory.py", *argv])
+    memory.main()
+    out = capsys.readouterr().out
+    assert out.startswith("memory.py: will it fit?") and "python -m tools.memory grpo" in out
+
+
 def test_the_command_prints_the_breakdown(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memory.py", "gspo", "--shape=tiny", "--tiny"])
     memory.main()

@@ -69,6 +69,13 @@ def render(text, name):
 
 
 def main(argv):
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip())
+        return 0
+    if [a for a in argv if a != "--check"]:
+        print(f"diffguide.py: error: unknown argument(s) {' '.join(a for a in argv if a != '--check')}: the only "
+              "option is --check (see --help)", file=sys.stderr)
+        return 2
     stale = []
     for name in TRAINERS:
         old = open(doc_path(name)).read()

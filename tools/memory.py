@@ -129,6 +129,8 @@ def compare(path, shape, prompt_len):
 
 def main():
     args, flags = sys.argv[1:], []
+    if "--help" in args or "-h" in args:  # memory's own usage; a trainer's flags: python <trainer>.py --help
+        return print(__doc__.strip())
     opts = dict(gpus="1", shape="qwen2.5-1.5b", device="cuda", prompt_len="", compare="")
     what = [a for a in args if not a.startswith("--")]
     for a in args:
