@@ -19,6 +19,7 @@ The rooms beside them:
     decoder         the two decoding paths: Hugging Face generate() and the static-KV-cache loop
     lora            LoRA adapters (--lora_rank)
     fsdp            --fsdp: sharding with PyTorch's FSDP2
+    jsonfile        the one JSON reader of every file read: a size and a depth bound, one-line errors
 
 Imports run one way: a trainer imports these modules, and each imports only the ones below it
 (config -> distributed -> fsdp; loading -> checkpoint -> logs; ...), never a trainer or a tool.

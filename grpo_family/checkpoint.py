@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from grpo_family import distributed, fsdp, logs, lora
+from grpo_family import distributed, fsdp, jsonfile, logs, lora
 from grpo_family.config import UserError, run_name
 
 
@@ -53,9 +53,8 @@ def read_run_config(ckpt):
     """The run_config.json of a checkpoint: {'config', 'run_id', 'step'}; a damaged file is a UserError."""
     path = os.path.join(ckpt, "run_config.json")
     try:
-        with open(path) as f:
-            return _fields(json.load(f), {"config": dict, "run_id": str, "step": int}, path)
-    except (OSError, json.JSONDecodeError) as e:
+        return _fields(jsonfile.load(path), {"config": dict, "run_id": str, "step": int}, path)
+    except (OSError, jsonfile.JSONError) as e:
         raise UserError(f"{path}: cannot read the checkpoint's settings ({e}); resume from another "
                         "ckpt-* dir") from None
 
@@ -68,6 +67,17 @@ def _fields(obj, types, path):
         raise UserError(f"{path}: damaged or not written by this project ({', '.join(bad)} missing or of the wrong "
                         "type); resume from another ckpt-* dir")
     return obj
+
+
+def _step(line, where):
+    """The step of one metrics.jsonl row; a damaged row is a UserError naming it."""
+    try:
+        row = jsonfile.loads(line, where)
+    except jsonfile.JSONError as e:
+        raise UserError(f"{e}: the run's log is damaged; move metrics.jsonl aside to resume") from None
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        raise UserError(f"{where}: not a metrics row (no integer 'step'); move metrics.jsonl aside to resume")
+    return row["step"]
 
 
 def start_run(cfg, d):
@@ -121,8 +131,8 @@ def start_run(cfg, d):
                             "a writable --run_dir") from None
         log = os.path.join(cfg.run_dir, "metrics.jsonl")
         if ckpt and os.path.isfile(log):  # steps logged after the saved one run again: keep the first telling only
-            with open(log) as f:
-                rows = [x for x in f if x.strip() and json.loads(x)["step"] <= saved["step"]]
+            with open(log, encoding="utf-8", errors="replace") as f:
+                rows = [x for n, x in enumerate(f, 1) if x.strip() and _step(x, f"{log}:{n}") <= saved["step"]]
             with open(log, "w") as f:
                 f.writelines(rows)
         if os.path.exists(os.path.join(cfg.run_dir, "latest.tmp")):

@@ -11,11 +11,12 @@ gsm8k.py: the GSM8K task, as nanochat keeps tasks/gsm8k.py: loading, prompts, an
     format_reward, lenient_correct  last number right
     reference_answer                a problem's reference answer, read from its '#### N' line
 """
-import json
 import os
 import re
 import unicodedata
 from fractions import Fraction
+
+from grpo_family import jsonfile
 
 SYSTEM_PROMPT = ("Solve the math problem step by step. "
                  "On the last line write the final answer as '#### <number>'.")
@@ -52,10 +53,10 @@ def read_jsonl(path):
                 if not line.strip():
                     continue
                 try:
-                    rows.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be "
-                                    'one JSON object such as {"question": "...", "answer": "... #### 18"}') from None
+                    rows.append((f"{path}:{n}", jsonfile.loads(line, f"{path}:{n}")))
+                except jsonfile.JSONError as e:
+                    raise DataError(f"{e}; each line must be one JSON object such as "
+                                    '{"question": "...", "answer": "... #### 18"}') from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     return rows

@@ -11,12 +11,11 @@ loading.py: what a run starts from, the models and the problems, in the dtype an
     prompt_indices  the global prompt indices of a step: a fresh seeded permutation every epoch
 """
 import importlib.util
-import json
 import os
 
 import torch
 
-from grpo_family import checkpoint, distributed, fsdp, gsm8k, lora, tiny
+from grpo_family import checkpoint, distributed, fsdp, gsm8k, jsonfile, lora, tiny
 from grpo_family.config import UserError
 from grpo_family.logprobs import Policy
 
@@ -72,7 +71,11 @@ def tokenizer(path):
     # A plain tokenizer.json tokenizer (our tiny one) is loaded as itself: AutoTokenizer would
     # follow config.json's model_type and rebuild it as Qwen2's byte-level BPE.
     cfg_file = os.path.join(os.path.expanduser(path), "tokenizer_config.json")
-    declared = json.load(open(cfg_file)).get("tokenizer_class") if os.path.isfile(cfg_file) else None
+    try:
+        declared = jsonfile.load(cfg_file) if os.path.isfile(cfg_file) else {}
+    except (OSError, jsonfile.JSONError) as e:
+        raise UserError(f"cannot read the tokenizer's settings: {e}; fix or replace {path}'s tokenizer files") from None
+    declared = declared.get("tokenizer_class") if isinstance(declared, dict) else None
     loader = PreTrainedTokenizerFast if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") else AutoTokenizer
     try:
         tok = loader.from_pretrained(os.path.expanduser(path))

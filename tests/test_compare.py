@@ -50,7 +50,7 @@ def test_logs_only_cli_and_missing_log_error(tmp_path, capsys, monkeypatch):
                                           monkeypatch)
     log = tmp_path / "grpo-s1" / "metrics.jsonl"
     log.parent.mkdir()
-    for text, words in [("", "holds no held-out evaluation"), ('{"step": 1}\n{bad', "metrics.jsonl:2: not a JSON line"),
+    for text, words in [("", "holds no held-out evaluation"), ('{"step": 1}\n{bad', "metrics.jsonl:2: not valid JSON"),
                         ('[1]\n', "metrics.jsonl:1: not a metrics row"), ('{"step": 1, "reward": 0.5}\n', "no held-out")]:
         log.write_text(text)
         assert words in cli_error(compare, ["--logs_only", "--algos=grpo", "--seeds=2", f"--out_dir={tmp_path}"],

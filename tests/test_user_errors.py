@@ -292,3 +292,40 @@ def test_sample_prompt_file_errors_give_the_real_line(tmp_path, monkeypatch):
     path.write_text('{"question": "a"}\n\n{oops\n')
     with pytest.raises(gsm8k.DataError, match=r"p.jsonl:3: not valid JSON"):
         sample.read_prompt_file(str(path))
+
+
+def test_every_json_reader_refuses_a_deeply_nested_or_huge_file_in_one_line(tmp_path, tiny_dir, capsys, monkeypatch):
+    """100,000 '[' (Python's reader alone: a RecursionError traceback) and a file past the size bound, in every
+    reader of JSON: the data, a checkpoint's settings, a tokenizer's config, a resumed run's log, the tools' logs."""
+    import shutil
+    from grpo_family import jsonfile
+    from tools import ablations, compare, memory
+    deep = "[" * 100_000
+    (tmp_path / "deep.jsonl").write_text(deep + "\n")
+    data = str(tmp_path / "deep.jsonl")
+    line = cli_error(grpo, ["--tiny", f"--data_path={data}", f"--test_path={data}", f"--run_dir={tmp_path / 'r'}"],
+                     capsys, monkeypatch)
+    assert "deep.jsonl:1: nested deeper than 100 levels" in line and "each line must be one JSON object" in line
+    ckpt = fake_checkpoint(tmp_path / "run", 1, "r")
+    (ckpt / "run_config.json").write_text(deep)
+    with pytest.raises(config.UserError, match="run_config.json: nested deeper than 100 levels"):
+        checkpoint.read_run_config(str(ckpt))
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_dir, tok)
+    (tok / "tokenizer_config.json").write_text(deep)
+    with pytest.raises(config.UserError, match="tokenizer_config.json: nested deeper than 100 levels"):
+        loading.tokenizer(str(tok))
+    with pytest.raises(config.UserError, match="metrics.jsonl:3: nested deeper than 100 levels"):
+        checkpoint._step(deep, "metrics.jsonl:3")
+    (tmp_path / "logs" / "grpo-s0").mkdir(parents=True)
+    (tmp_path / "logs" / "grpo-s0" / "metrics.jsonl").write_text(deep)
+    for module, argv, words in [
+            (compare, ["--logs_only", "--algos=grpo", "--seeds=1", f"--out_dir={tmp_path / 'logs'}"], "nested deeper"),
+            (memory, [f"--compare={data}"], "nested deeper"), (ablations, ["--logs_only", f"--metrics={data}"],
+                                                               "deep.jsonl:1: not a row of the ablation log")]:
+        assert words in cli_error(module, argv, capsys, monkeypatch)
+    text = '{"a": [[1], "' + "[{" * 200 + '\\"]"]}'  # brackets inside a string (an escaped quote too) nest nothing
+    assert jsonfile.loads(text, "x.json") == {"a": [[1], "[{" * 200 + '"]']}
+    monkeypatch.setattr(jsonfile, "MAX_CHARS", 10)  # the size bound: the same one line
+    with pytest.raises(jsonfile.JSONError, match=r"x.json: over 10 characters"):
+        jsonfile.loads('{"a": "0123456789"}', "x.json")

@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from grpo_family import config
+from grpo_family import config, jsonfile
 from tools import compare
 
 import drgrpo
@@ -116,9 +116,9 @@ def load(path):
     runs, walls = {}, {}
     for n, line in enumerate(open(path, encoding="utf-8"), 1):
         try:
-            r = json.loads(line)
+            r = jsonfile.loads(line, f"{path}:{n}")
             name, seed = r.pop("ablation"), r.pop("seed")
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+        except (jsonfile.JSONError, KeyError, AttributeError, TypeError):
             raise config.UserError(f"{path}:{n}: not a row of the ablation log; run `python -m tools.ablations` "
                                    "again") from None
         seeds = runs.setdefault(name, [])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo_family import config, distributed, loading
+from grpo_family import config, distributed, jsonfile, loading
 from tools import trainers
 
 
@@ -113,10 +113,9 @@ def load_runs(out_dir, algos, seeds):
             rows = []
             for n, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise config.UserError(f"{path}:{n}: not a JSON line ({e.msg}): the run's log is damaged; run "
-                                           "it again without --logs_only") from None
+                    rows.append(jsonfile.loads(line, f"{path}:{n}"))
+                except jsonfile.JSONError as e:
+                    raise config.UserError(f"{e}: the run's log is damaged; run it again without --logs_only") from None
                 if not isinstance(rows[-1], dict) or not isinstance(rows[-1].get("step"), int):
                     raise config.UserError(f"{path}:{n}: not a metrics row (no integer 'step'); run it again")
             if not any("eval/strict" in r for r in rows):
@@ -141,7 +140,11 @@ def series(seed_rows, get):
 def wall_time(out_dir, algo, seed):
     """Wall seconds of one run, from the wall_time.json that run_all wrote (None if absent)."""
     path = os.path.join(out_dir, f"{algo}-s{seed}", "wall_time.json")
-    return json.load(open(path))["wall_s"] if os.path.isfile(path) else None
+    try:
+        wall = jsonfile.load(path) if os.path.isfile(path) else {}
+    except (OSError, jsonfile.JSONError) as e:
+        raise config.UserError(f"{e}: delete it (the wall time is then n/a) or run again") from None
+    return wall.get("wall_s") if isinstance(wall, dict) and isinstance(wall.get("wall_s"), (int, float)) else None
 
 
 def table(cfg, runs):

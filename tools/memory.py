@@ -32,11 +32,10 @@ returns fresh outputs of the same shapes and adds the FLOPs the real one counted
 gradient allocates nothing that lasts. Not modelled: --fsdp (docs/fsdp.md), the CUDA context and fragmentation,
 library workspaces, the held-out evaluation. Method and validation: docs/memory.md.
 """
-import json
 import sys
 import time
 
-from grpo_family import config
+from grpo_family import config, jsonfile
 from tools import harness, trainers
 from tools.prediction import SHAPES, run_step
 
@@ -110,8 +109,9 @@ def table(shape, prompt_len, names=trainers.TRAINERS, rank=16):
 def compare(path, shape, prompt_len):
     """The GPU check's steps (tests/test_gpu.py's JSON lines): each measured peak beside this prediction of it."""
     try:
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-    except (OSError, ValueError) as e:
+        rows = [jsonfile.loads(line, f"{path}:{n}") for n, line in enumerate(open(path, encoding="utf-8"), 1)
+                if line.strip()]
+    except (OSError, ValueError) as e:  # jsonfile.JSONError and UnicodeDecodeError are ValueErrors
         raise config.UserError(f"--compare={path}: cannot read it as JSON lines ({type(e).__name__}: {e}); give "
                                "the steps.jsonl tools/gpu_check.sh writes") from None
     for row in rows:  # the four memory layouts (every other trainer is grpo's with another loss), within the time
