@@ -21,10 +21,15 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from grpo_family import distributed, fsdp, jsonfile, logs, lora
 from grpo_family.config import UserError, run_name
 
+
+# what a failed write raises: the OS's error, torch.save's writer (RuntimeError: "unexpected pos ...", "file write
+# failed") and safetensors' (SafetensorError: "I/O error: No space left on device"); each stops the save in one line
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 # settings a resume may change: they steer logging and saving, not the trained numbers
 RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "num_steps", "eval_every", "eval_problems", "save_every",
@@ -41,6 +46,10 @@ def _check_run_dir(run_dir):
     """Refuse a run dir that holds anything but this project's run files, or run files without its run_id marker
     (a model dir, a home dir): a run writes config.json and deletes checkpoints there."""
     found = set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set()
+    links = sorted(x for x in found if os.path.islink(os.path.join(run_dir, x)))
+    if links:  # a run writes (and with --overwrite deletes) its files itself, never through a link to elsewhere
+        raise UserError(f"run_dir {run_dir} holds links ({', '.join(links[:3])}): a run never writes through a link; "
+                        "remove them or pick another --run_dir; nothing there was changed")
     ours = set(run_files(run_dir)) | {"config.json", "metrics.jsonl", "latest.tmp"}
     foreign = sorted(found - ours - {"run_id", "stdout.log", "wall_time.json"})  # the last two: compare.py's
     if foreign or (found & ours and "run_id" not in found):
@@ -152,9 +161,11 @@ def _all_wrote(err, d, step, where):
     if failed.item() and d.master_process and not os.path.isdir(where[:-len(".tmp")] + ".old"):
         shutil.rmtree(where, ignore_errors=True)  # a partial copy would hold the space a full disk lacks
     if err is not None:
-        raise UserError(f"step {step}: cannot write the checkpoint: {err.filename or where}: {err.strerror or err}; "
-                        f"free disk space or make {os.path.dirname(where)} writable, then --resume from it "
-                        "(`latest` still names the last complete checkpoint)")
+        why = f"{err.filename or where}: {err.strerror or err}" if isinstance(err, OSError) else \
+            f"{where}: a write failed ({str(err).strip().splitlines()[0][:160]})"  # torch's and safetensors' writers
+        raise UserError(f"step {step}: cannot write the checkpoint: {why}; free disk space or make "
+                        f"{os.path.dirname(where)} writable, then --resume from it (`latest` still names the last "
+                        "complete checkpoint)")
     if failed.item():
         raise UserError(f"step {step}: another rank could not write the checkpoint {where} (its line says why)")
 
@@ -181,7 +192,7 @@ def save(run_dir, step, lm, tok, optimizer, cfg, d, modules=None, extra=None, ke
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-        except OSError as e:
+        except WRITE_ERRORS as e:
             err = e
     _all_wrote(err, d, step, tmp)
     npr = np.random.get_state()  # as plain values and tensors, so that loading it runs no pickled code
@@ -190,13 +201,13 @@ def save(run_dir, step, lm, tok, optimizer, cfg, d, modules=None, extra=None, ke
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # every RNG a run draws from
     try:
         torch.save(rng, os.path.join(tmp, f"rng_rank{d.rank}.pt"))
-    except OSError as e:
+    except WRITE_ERRORS as e:
         err = e
     _all_wrote(err, d, step, tmp)
     if d.master_process:
         try:
             _write(tmp, final, old, run_dir, step, lm, tok, optimizer, cfg, d, run_id, extra, *whole)
-        except OSError as e:
+        except WRITE_ERRORS as e:
             err = e
     _all_wrote(err, d, step, tmp)
     if d.master_process:

@@ -87,7 +87,11 @@ class Logger:
         if not self.master:
             return
         metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as e:  # a full or read-only disk: this step is not logged (nor saved), and the run stops
+            raise UserError(f"step {step}: cannot append to {self.path}: {e.strerror or e}; free disk space or make "
+                            f"it writable, then --resume from {os.path.dirname(self.path)}") from None
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)

@@ -11,12 +11,13 @@ from fractions import Fraction
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import eval_gsm8k
 import grpo
 import sample
-from grpo_family import checkpoint, config, gsm8k, loading, rollout
+from grpo_family import checkpoint, config, gsm8k, loading, logs, rollout
 from helpers import cli_error, run_main, single_process
 from tools import bench, trainers
 
@@ -294,18 +295,28 @@ def test_seeds_and_gtpo_entropy_are_checked(module, argv, words, capsys, monkeyp
 # 5. a full disk or a read-only run dir during a save: one line naming the path, `latest` intact, no partial copy
 
 
-@pytest.mark.parametrize("where,code", [("makedirs", errno.EROFS), ("torch.save", errno.ENOSPC)])
-def test_a_save_that_cannot_write_stops_in_one_line_and_keeps_latest(where, code, tmp_path, tiny_dir, capsys,
+@pytest.mark.parametrize("where,error,says", [
+    ("makedirs", lambda p: OSError(errno.EROFS, os.strerror(errno.EROFS), p), os.strerror(errno.EROFS)),
+    ("torch.save", lambda p: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), p), os.strerror(errno.ENOSPC)),
+    # what torch's and safetensors' own writers raise on a full disk (seen on a 1 MB and a 2 MB tmpfs)
+    ("torch.save", lambda p: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 644800 vs "
+                                          "644688"), "a write failed ([enforce fail at inline_container.cc:672]"),
+    ("safe_save_file", lambda p: SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                                 "error 28)"), "No space left on device (os error 28)")])
+def test_a_save_that_cannot_write_stops_in_one_line_and_keeps_latest(where, error, says, tmp_path, tiny_dir, capsys,
                                                                         monkeypatch):
+    import transformers.modeling_utils
     run_dir, saves = tmp_path / "run", []
-    real = {"makedirs": os.makedirs, "torch.save": torch.save}[where]
+    owner = {"makedirs": checkpoint.os, "torch.save": checkpoint.torch,
+             "safe_save_file": transformers.modeling_utils}[where]
+    real = getattr(owner, where.split(".")[-1])
 
     def failing(*args, **kwargs):  # the second checkpoint's first write of this kind fails
-        saves.append(args[-1] if where == "torch.save" else args[0])
-        if "ckpt-000002" in str(saves[-1]):
-            raise OSError(code, os.strerror(code), str(saves[-1]))
+        saves.append(next(str(a) for a in args if isinstance(a, (str, os.PathLike))))
+        if "ckpt-000002" in saves[-1]:
+            raise error(saves[-1])
         return real(*args, **kwargs)
-    monkeypatch.setattr(checkpoint.os if where == "makedirs" else checkpoint.torch, where.split(".")[-1], failing)
+    monkeypatch.setattr(owner, where.split(".")[-1], failing)
     monkeypatch.setattr(sys, "argv", ["grpo.py", *FAST, "--num_steps=2", "--save_every=1", f"--run_dir={run_dir}"])
     with pytest.raises(SystemExit) as exc:
         config.run(grpo.main)
@@ -313,7 +324,7 @@ def test_a_save_that_cannot_write_stops_in_one_line_and_keeps_latest(where, code
     line = err.strip().splitlines()[-1]  # the lines before it are the progress bar's
     assert exc.value.code == 2 and "Traceback" not in err and line.startswith("grpo.py: error: "), err[-3000:]
     assert "step 2: cannot write the checkpoint: " in line and "ckpt-000002" in line, line
-    assert os.strerror(code) in line and "--resume" in line, line
+    assert says in line and "--resume" in line, line
     assert open(run_dir / "latest").read() == "ckpt-000001"
     assert sorted(x for x in os.listdir(run_dir) if x.startswith("ckpt")) == ["ckpt-000001"]
     rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
@@ -329,3 +340,29 @@ def test_a_prompt_past_the_context_length_is_refused_before_generating(tmp_path,
     prompts.write_text("What is 2+2?\n" + "x" * 470 + "\n")  # fits alone, not with 64 new tokens
     line = cli_error(sample, ["--tiny", f"--prompt_file={prompts}", "--max_new_tokens=64"], capsys, monkeypatch)
     assert "prompt 2 is " in line, line
+
+
+def test_a_run_never_writes_through_a_link_in_its_run_dir(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A link among the run files (metrics.jsonl, config.json, run_id, latest, a ckpt dir) would be written through
+    or, with --overwrite, followed: refused in one line before anything is written, the link's target untouched."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for name in ("metrics.jsonl", "config.json", "latest", "ckpt-000001"):
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        (run / "run_id").write_text("x")
+        (run / name).symlink_to(victim)
+        for extra in ([], ["--overwrite"]):
+            line = cli_error(grpo, [*FAST, "--num_steps=1", f"--run_dir={run}", *extra], capsys, monkeypatch)
+            assert f"holds links ({name})" in line and "nothing there was changed" in line, line
+        assert victim.read_text() == "keep me" and sorted(os.listdir(run)) == sorted(["run_id", name])
+
+
+def test_a_log_that_cannot_be_appended_stops_the_run_in_one_line(tmp_path):
+    """A disk that fills up or turns read-only mid-run: the metrics append is one line naming the file and --resume."""
+    logger = logs.Logger(str(tmp_path), grpo.Config(run_dir=str(tmp_path)), True)
+    logger.log(1, {"reward": 0.5})
+    logger.path = str(tmp_path / "gone" / "metrics.jsonl")  # any OSError of the append: here, no such dir
+    with pytest.raises(config.UserError, match=r"step 2: cannot append to .*metrics.jsonl: No such file or directory; "
+                                               r"free disk space or make it writable, then --resume from "):
+        logger.log(2, {"reward": 0.5})
