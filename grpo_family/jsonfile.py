@@ -14,7 +14,9 @@ import re
 
 MAX_CHARS = 64 * 2**20  # a JSON document larger than this is not one this project wrote or reads
 MAX_DEPTH = 100         # nesting levels: this project's files use 3 or 4
-_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # a string (skipped whole) or a bracket
+# a string (skipped whole; an unterminated one runs to the end, so no match fails and the scan stays linear) or a
+# bracket
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
 
 
 class JSONError(ValueError):

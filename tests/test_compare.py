@@ -68,6 +68,16 @@ def test_an_out_dir_that_holds_a_model_or_a_run_is_refused(tmp_path, tiny_dir, c
     assert sorted(os.listdir(run)) == ["run_id"]
 
 
+def test_a_damaged_wall_time_file_is_named_not_skipped(tmp_path):
+    (tmp_path / "grpo-s0").mkdir()
+    for text, words in [("[1]", "no number 'wall_s'"), ('{"wall_s": "5"}', "no number 'wall_s'"), ("{", "not valid JSON")]:
+        (tmp_path / "grpo-s0" / "wall_time.json").write_text(text)
+        with pytest.raises(compare.config.UserError, match=words):
+            compare.wall_time(str(tmp_path), "grpo", 0)
+    (tmp_path / "grpo-s0" / "wall_time.json").write_text('{"wall_s": 12.5}')
+    assert compare.wall_time(str(tmp_path), "grpo", 0) == 12.5 and compare.wall_time(str(tmp_path), "grpo", 1) is None
+
+
 def test_a_failed_run_stops_the_others(tmp_path, tiny_dir):
     import os
     # grpo.py refuses DAPO's flag at once; dapo.py, still training, must be stopped with it, not left running

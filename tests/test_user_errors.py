@@ -326,6 +326,12 @@ def test_every_json_reader_refuses_a_deeply_nested_or_huge_file_in_one_line(tmp_
         assert words in cli_error(module, argv, capsys, monkeypatch)
     text = '{"a": [[1], "' + "[{" * 200 + '\\"]"]}'  # brackets inside a string (an escaped quote too) nest nothing
     assert jsonfile.loads(text, "x.json") == {"a": [[1], "[{" * 200 + '"]']}
+    import time
+    for crafted in ('"\\' * 500_000 + "[" * 200, '"' + "[" * 1_000_000):  # quotes that never close: a linear scan
+        t0 = time.time()
+        with pytest.raises(jsonfile.JSONError, match="x.json: not valid JSON"):
+            jsonfile.loads(crafted, "x.json")
+        assert time.time() - t0 < 10, time.time() - t0  # 0.05 s and 0.25 s here; a quadratic scan ran for minutes
     monkeypatch.setattr(jsonfile, "MAX_CHARS", 10)  # the size bound: the same one line
     with pytest.raises(jsonfile.JSONError, match=r"x.json: over 10 characters"):
         jsonfile.loads('{"a": "0123456789"}', "x.json")

@@ -144,7 +144,9 @@ def wall_time(out_dir, algo, seed):
         wall = jsonfile.load(path) if os.path.isfile(path) else {}
     except (OSError, jsonfile.JSONError) as e:
         raise config.UserError(f"{e}: delete it (the wall time is then n/a) or run again") from None
-    return wall.get("wall_s") if isinstance(wall, dict) and isinstance(wall.get("wall_s"), (int, float)) else None
+    if wall and not (isinstance(wall, dict) and isinstance(wall.get("wall_s"), (int, float))):
+        raise config.UserError(f"{path}: no number 'wall_s' in it: delete it (the wall time is then n/a) or run again")
+    return wall.get("wall_s") if wall else None
 
 
 def table(cfg, runs):
