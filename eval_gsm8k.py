@@ -53,7 +53,7 @@ class Config:
     batch_size: int = 64  # completions per generate call, in [1, inf) (a batch holds batch_size // n problems)
     system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none); as in training
     seed: int = 0  # sampling seed, in [0, 1e18] (batch j uses seed + j: samples do not depend on the ranks)
-    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in (0, inf)
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in [1, 1e7]
     fast_rollout: bool = False  # generate with the static-KV-cache decoder (decoder.py) instead of HF generate
     out_dir: str = "runs/eval"  # predictions.jsonl and summary.json go here
 

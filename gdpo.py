@@ -47,7 +47,7 @@ class Config:
     resume: str = ""  # checkpoint dir, or a run dir (uses its `latest`), to continue from exactly
     overwrite: bool = False  # start over in a run_dir that holds another run's checkpoints (deletes them)
     seed: int = 0  # seeds prompt order, sampling and mini-batch shuffling, in [0, 1e18] (rank r uses seed + r)
-    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in (0, inf)
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before the run stops, in [1, 1e7]
     # rollout
     num_steps: int = 200  # rollout batches, in [1, inf); each is followed by num_minibatches optimizer steps
     batch_prompts: int = 32  # prompts per rollout batch over all ranks (divisible by the world size), in [1, inf)

@@ -170,6 +170,18 @@ def _all_wrote(err, d, step, where):
         raise UserError(f"step {step}: another rank could not write the checkpoint {where} (its line says why)")
 
 
+@torch.no_grad()
+def _logits_finite(lm, tok):
+    """One forward of a few tokens (every rank: a collective under --fsdp): an update can leave every weight finite
+    yet so large that the logits overflow, and the next rollout's sampling would fail on them."""
+    ids = tok("1 + 1 = 2", add_special_tokens=False)["input_ids"]
+    was_training = lm.training
+    lm.eval()
+    logits = lm(input_ids=torch.tensor([ids], device=next(lm.parameters()).device), use_cache=False).logits
+    lm.train(was_training)
+    return bool(torch.isfinite(logits.float()).all())
+
+
 def save(run_dir, step, lm, tok, optimizer, cfg, d, modules=None, extra=None, keep=2):
     """Write run_dir/ckpt-{step} (HF format + trainer state) atomically; keep this run's last `keep` checkpoints.
     modules: {name: (network, its optimizer)} saved whole in the trainer state beside the policy's (PPO's critic);
@@ -179,6 +191,9 @@ def save(run_dir, step, lm, tok, optimizer, cfg, d, modules=None, extra=None, ke
     sharded = fsdp.is_sharded(lm)  # --fsdp: weights and AdamW's state gathered whole (every rank), rank 0 writes
     if not (fsdp.all_finite(lm, d) if sharded else all(torch.isfinite(p).all() for p in lm.parameters())):  # all stop
         raise UserError(f"step {step}: the weights are not finite: the update diverged (lower --lr={cfg.lr}); "
+                        "not saved, `latest` names the last good checkpoint")
+    if not _logits_finite(lm, tok):  # finite weights can still be exploded ones (every rank: the same weights)
+        raise UserError(f"step {step}: the weights give non-finite logits: the update diverged (lower --lr={cfg.lr}); "
                         "not saved, `latest` names the last good checkpoint")
     whole = (fsdp.state_dict(lm, d), fsdp.optimizer_state(optimizer, d)) if sharded else (None, None)
     extra = dict(extra or {})

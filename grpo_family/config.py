@@ -4,7 +4,8 @@ config.py: the command line of every script. A typed dataclass of settings at th
 
     UserError       a mistake the user can fix: one line on stderr, exit status 2, no traceback
     run             run a script's main(): UserError -> exit 2; a failed collective -> one line naming the rank
-    parse           defaults, then --tiny's overrides, then the flags; every value checked against its range
+    parse           defaults, then --tiny's overrides, then the flags; every value checked against its range and
+                    against what the code can carry (int64; finite floats of magnitude <= 1e30)
     help_text       the --help text: every field with its type, default, --tiny value and comment
     run_name        the name of the file that defines a Config: "grpo" for grpo.Config
 """
@@ -60,6 +61,27 @@ def _valid_values(doc):
     return None, None
 
 
+# What the code can carry: integers go into int64 tensors and generators; floats into float32 arithmetic, where a
+# flag is multiplied by up to a few orders of magnitude (AdamW's step lr / (1 - β1^t) is 10 lr at step 1).
+INT_LIMIT = 2**63 - 1
+FLOAT_LIMIT = 1e30  # float32 holds up to 3.4e38
+
+
+def _representable(name, value, shown):
+    """The one-line complaint about a number the code cannot compute with, or None: an int beyond int64, nan, or inf
+    (which passes only where the field's declared range is closed at inf). Magnitudes: see parse."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int):
+        return None if abs(value) <= INT_LIMIT else f"--{name}={value} does not fit a 64-bit integer"
+    if value != value:
+        return f"--{name}=nan is not a number: give a finite value" + (f" in {shown}" if shown else "")
+    if abs(value) == float("inf"):
+        return None if shown and shown.endswith("inf]") and value > 0 else \
+            f"--{name}={value} is not finite: give a finite value" + (f" in {shown}" if shown else "")
+    return None
+
+
 def _parse_value(name, typ, text):
     """Convert the command-line text for field `name` to its declared type, or raise UserError."""
     if typ is bool:
@@ -110,10 +132,19 @@ def parse(cls, argv=None, tiny=None):
     values = dict(tiny) if given.get("tiny", False) and tiny else {}
     values.update(given)  # explicit flags win over --tiny
     cfg = cls(**values)
-    for name, doc in _field_docs(cls).items():
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):  # every number, declared range or not: one the code can carry
+        if (why := _representable(f.name, getattr(cfg, f.name), _valid_values(docs.get(f.name, ""))[0])):
+            raise UserError(why)
+    for name, doc in docs.items():
         shown, ok = _valid_values(doc)
         if ok is not None and not ok(getattr(cfg, name)):
             raise UserError(f"--{name}={getattr(cfg, name)!r} is out of range: it must be in {shown}")
+    for f in dataclasses.fields(cls):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and FLOAT_LIMIT < abs(v) < float("inf"):
+            raise UserError(f"--{f.name}={v:g} is too large for float32 arithmetic: give a value of magnitude at most "
+                            f"{FLOAT_LIMIT:g}")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes: each takes an equal share of the batch
     if hasattr(cfg, "batch_prompts") and (cfg.batch_prompts % world or
                                           cfg.batch_prompts // world * cfg.group_size % cfg.num_minibatches):

@@ -8,7 +8,7 @@ device, joined in a process group (nccl on GPU, gloo on CPU), and the model is w
     all_reduce_sum, all_gather_objects   the two collectives the trainers use
     check_replicas      every rank holds the same weights and took the same optimizer steps
     cleanup, leave      tear the group down together; leave a process that joined one
-    note_step, joined, collective_failure   what config.run reports when a collective fails
+    note_step, last_step, joined, collective_failure   the last step done; what config.run reports
 """
 import dataclasses
 import datetime
@@ -157,6 +157,11 @@ def cleanup(d):
 def note_step(step):
     """Record the last step done: a failed collective's message names it."""
     _state["step"] = step
+
+
+def last_step():
+    """The last step done (0 before the first): what a message about the run's state names."""
+    return _state["step"]
 
 
 def joined():

@@ -118,6 +118,8 @@ def evaluate(model, tok, problems, d, max_new_tokens, batch_size=64, system_prom
                          "needs temperature > 0 (greedy samples would all be identical)")
     if ks and any(not 1 <= k <= n for k in ks):
         raise ValueError(f"evaluate: every k of pass@k must be in 1..n={n}, got {list(ks)}")
+    rollout.check_context(model, tok, [build_prompt(tok, p["question"], system_prompt) for p in problems],
+                          max_new_tokens)  # before any batch: one line naming the prompt
     # --fsdp: the whole network gathered here, on every rank, even one with no batch below
     model = fsdp.decode_copy(model, distributed.cuda_numerics(d.device))
     was_training = model.training

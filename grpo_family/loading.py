@@ -157,11 +157,12 @@ def problems(cfg, split):
 
 
 def prompt_indices(n, step, batch, seed):
-    """Global indices of the `batch` prompts for `step`: a fresh seeded permutation every epoch."""
+    """Global indices of the `batch` prompts for `step`: a fresh seeded permutation every epoch. The generator's
+    seed wraps at 2**64 (torch's range), so every seed up to 1e18 works and seeds below ~9e13 keep their order."""
     out, pos = [], step * batch
     while len(out) < batch:
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100003 + epoch) % 2**64))
         take = perm[offset:offset + batch - len(out)].tolist()
         out += take
         pos += len(take)

@@ -113,20 +113,31 @@ def generate(model, tok, prompt_ids, prompt_mask, group_size, max_new_tokens, te
     """`group_size` completions per prompt from Hugging Face generate (the readable path), or with fast=True
     decoder.fast_decode (the same sampling from a static-KV-cache loop); in eval mode. logprobs: also record
     log μ, the sampling distribution's log-probs of the drawn tokens (Rollout.sampler_logp)."""
+    limit = getattr(model.config, "max_position_embeddings", None) or float("inf")
+    if prompt_ids.shape[1] + max_new_tokens > limit:  # the longest prompt (the padded width) plus every new token
+        raise UserError(f"the longest prompt is {prompt_ids.shape[1]} tokens: with --max_new_tokens={max_new_tokens} "
+                        f"it passes the model's context of {limit} tokens; lower --max_new_tokens")
     bf16 = distributed.cuda_numerics(prompt_ids.device)  # the decoder's weight copies: bf16 as autocast computes
     model = fsdp.decode_copy(model, bf16)  # --fsdp: the whole network, gathered once per step
     was_training, eos = model.training, eos_token_ids(model, tok)
     model.eval()
     ids = prompt_ids.repeat_interleave(group_size, 0)
     mask = prompt_mask.repeat_interleave(group_size, 0)
-    if fast:
-        out, mu = decoder.fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
-                                      temperature, top_p, greedy, group_size, return_logprobs=logprobs,
-                                      dtype=torch.bfloat16 if bf16 else None)
-    else:
-        with distributed.autocast(ids.device):
-            out, mu = decoder.hf_generate(model, ids, mask, max_new_tokens, eos, tok.pad_token_id, temperature,
-                                          top_p, greedy, return_logprobs=logprobs)
+    try:
+        if fast:
+            out, mu = decoder.fast_decode(model, prompt_ids, prompt_mask, max_new_tokens, eos, tok.pad_token_id,
+                                          temperature, top_p, greedy, group_size, return_logprobs=logprobs,
+                                          dtype=torch.bfloat16 if bf16 else None)
+        else:
+            with distributed.autocast(ids.device):
+                out, mu = decoder.hf_generate(model, ids, mask, max_new_tokens, eos, tok.pad_token_id, temperature,
+                                              top_p, greedy, return_logprobs=logprobs)
+    except (RuntimeError, FloatingPointError) as e:  # multinomial's, or the fast decoder's own check
+        if not isinstance(e, FloatingPointError) and "probability tensor contains" not in str(e):
+            raise
+        raise UserError(f"the policy's next-token probabilities are not finite after step {distributed.last_step()}:"
+                        " its weights diverged (lower --lr, or --max_grad_norm); resume from an earlier checkpoint"
+                        ) from None
     model.train(was_training)
     return make_rollout(tok, ids, mask, out, eos, mu)
 

@@ -89,6 +89,67 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_dir):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["run_id"]  # no ckpt dir, no `latest`
 
 
+def _exploded(tiny_dir):
+    """The tiny model after an update that left every weight finite but ~1e20 times too large (lr 1e30 does this)."""
+    lm = loading.model(tiny_dir, torch.device("cpu"))
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.mul_(1e20)
+    assert all(torch.isfinite(p).all() for p in lm.parameters())
+    return lm
+
+
+def test_finite_but_exploded_weights_are_never_saved(tmp_path, tiny_dir):
+    """Reliability item 3: finite weights whose logits overflow were saved as `latest`; the next rollout then died in
+    multinomial with a traceback."""
+    lm, tok = _exploded(tiny_dir), loading.tokenizer(tiny_dir)
+    (tmp_path / "run_id").write_text("r")
+    with pytest.raises(config.UserError, match=r"step 2: the weights give non-finite logits.*--lr=1e\+30"):
+        checkpoint.save(str(tmp_path), 2, lm, tok, torch.optim.AdamW(lm.parameters()),
+                        grpo.Config(run_dir=str(tmp_path), lr=1e30), single_process())
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["run_id"]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_rollout_from_exploded_weights_is_one_line_not_a_traceback(tiny_dir, fast):
+    lm, tok = _exploded(tiny_dir), loading.tokenizer(tiny_dir)
+    ids, mask = rollout.tokenize_prompts(tok, ["What is 2 + 3?"], torch.device("cpu"))
+    with pytest.raises(config.UserError, match="next-token probabilities are not finite.*lower --lr"):
+        rollout.generate(lm, tok, ids, mask, 2, 4, fast=fast)
+
+
+def test_a_completion_past_the_context_is_refused_in_every_script(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Item 8: generation checks the longest prompt plus --max_new_tokens against the model's context (the trainers,
+    eval and sample all generate through rollout.generate), one line instead of a traceback or silent wrong output."""
+    limit = loading.model(tiny_dir, torch.device("cpu")).config.max_position_embeddings
+    for module, argv in [(grpo, [*FAST, f"--run_dir={tmp_path / 'r'}"]),
+                         (eval_gsm8k, ["--tiny", "--limit=4", f"--out_dir={tmp_path / 'e'}"])]:
+        line = cli_error(module, [*argv, f"--max_new_tokens={limit}"], capsys, monkeypatch)
+        assert f"passes the model's context of {limit} tokens" in line and "--max_new_tokens" in line, line
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--lr=1e38"], "--lr=1e+38 is too large for float32"), (["--rc_max=1e308"], "--rc_max=1e+308 is too large"),
+    (["--lr=inf"], "--lr=inf is not finite"), (["--format_weight=nan"], "--format_weight=nan is not a number"),
+    (["--seed=1000000000000000001"], "[0, 1e18]"), (["--num_steps=9223372036854775808"], "does not fit a 64-bit"),
+    (["--dist_timeout=1e-9"], "[1, 1e7]"), (["--dist_timeout=1e300"], "[1, 1e7]")])
+def test_numbers_the_code_cannot_carry_are_refused(argv, words):
+    """Item 4: values the help called valid crashed (float overflow in AdamW, clamp and timedelta; int64)."""
+    with pytest.raises(config.UserError, match=None) as e:
+        config.parse(grpo.Config, ["--tiny", *argv], tiny=grpo.TINY)
+    assert words in str(e.value), str(e.value)
+    import gmpo
+    with pytest.raises(config.UserError, match="--clip_eps=1e\\+308"):
+        config.parse(gmpo.Config, ["--tiny", "--clip_eps=1e308"], tiny=gmpo.TINY)
+
+
+def test_any_seed_the_help_allows_orders_prompts_and_small_seeds_keep_their_order():
+    old = lambda seed: torch.randperm(50, generator=torch.Generator().manual_seed(seed * 100003)).tolist()[:8]
+    assert loading.prompt_indices(50, 0, 8, 7) == old(7)  # runs made before the wrap are reproduced
+    big = loading.prompt_indices(50, 3, 8, 10**18)  # seed * 100003 overflowed int64: a traceback before
+    assert len(set(big)) == 8 and all(0 <= i < 50 for i in big)
+
+
 # -----------------------------------------------------------------------------
 # 4. signs and numbers: a dash before a number is a minus or makes it unreadable, never dropped
 
@@ -284,9 +345,9 @@ def test_eval_checks_its_out_dir_before_evaluating(tmp_path, capsys, monkeypatch
 
 
 @pytest.mark.parametrize("module,argv,words", [
-    ("grpo", ["--seed=18446744073709551616"], "--seed=18446744073709551616 is out of range"),  # one line, no traceback
+    ("grpo", ["--seed=18446744073709551616"], "--seed=18446744073709551616 does not fit a 64-bit"),  # one line, no traceback
     ("grpo", ["--seed=-1"], "[0, 1e18]"), ("sample", ["--seed=1e30"], "expects an integer"),
-    ("gtpo", ["--ent_initial=nan"], "--ent_initial=nan is out of range")])  # refused, not accepted
+    ("gtpo", ["--ent_initial=nan"], "--ent_initial=nan is not a number")])  # refused, not accepted
 def test_seeds_and_gtpo_entropy_are_checked(module, argv, words, capsys, monkeypatch):
 
     assert words in cli_error(importlib.import_module(module), ["--tiny", *argv], capsys, monkeypatch)

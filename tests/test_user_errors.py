@@ -229,7 +229,7 @@ def test_tiny_honours_an_explicit_model(monkeypatch, tmp_path):
 @pytest.mark.parametrize("flag,value", [
     ("save_every", "0"), ("num_minibatches", "0"), ("micro_batch_size", "0"), ("batch_prompts", "0"),
     ("group_size", "0"), ("group_size", "1"), ("num_steps", "0"), ("top_p", "0"), ("beta", "-1"),
-    ("clip_eps", "-1"), ("temperature", "-0.5"), ("lr", "nan"), ("max_new_tokens", "0"),
+    ("clip_eps", "-1"), ("temperature", "-0.5"), ("lr", "0"), ("max_new_tokens", "0"),
 ])
 def test_out_of_range_settings_stop_before_anything_runs(flag, value):
     # each stops before any work, with one line
