@@ -91,6 +91,7 @@ def _step(line, where):
 
 def start_run(cfg, d):
     """Check the run dir and the resume point before anything loads; returns the checkpoint to resume ("" = fresh).
+    --resume without --run_dir goes on in the dir that holds the checkpoint.
 
     A fresh run refuses a run_dir holding another run's checkpoints (resume it, pick another dir, or --overwrite
     them); --resume refuses other settings than the saved ones, listing them. run_dir/run_id tags checkpoints.
@@ -116,6 +117,8 @@ def start_run(cfg, d):
             raise UserError(f"{ckpt} is at step {saved['step']} and --num_steps={cfg.num_steps}: nothing to do; "
                             "raise --num_steps to train further")
         run_id = saved["run_id"]
+        if not cfg.run_dir:  # no --run_dir: the run goes on where it was saved, never into the default dir
+            cfg.run_dir = os.path.dirname(os.path.abspath(ckpt))
     _check_run_dir(cfg.run_dir)
     theirs, id_file = run_files(cfg.run_dir), os.path.join(cfg.run_dir, "run_id")
     if theirs and not (os.path.isfile(id_file) and open(id_file).read().strip() == run_id):  # another run's work
@@ -277,9 +280,12 @@ def resolve_latest(path):
 
 def find(path):
     """A checkpoint dir, or a run dir whose `latest` file names one; a UserError if neither exists."""
-    ckpt = resolve_latest(os.path.expanduser(path))
+    path = os.path.expanduser(path)
+    if os.path.basename(os.path.normpath(path)) == "latest" and os.path.isfile(path):  # a run dir's `latest` file
+        path = os.path.dirname(os.path.abspath(path))
+    ckpt = resolve_latest(path)
     if not os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
-        where = f" (its `latest` names {ckpt})" if ckpt != os.path.expanduser(path) else ""
+        where = f" (its `latest` names {ckpt})" if ckpt != path else ""
         raise UserError(f"no checkpoint at {path}{where}: --resume takes a ckpt-* dir or a run dir with a "
                         "`latest` file")
     return ckpt

@@ -154,7 +154,7 @@ def parse(cls, argv=None, tiny=None):
         raise UserError(why)
     if getattr(cfg, "rollout_correction", "").endswith("mask") and not cfg.rc_min < cfg.rc_max:
         raise UserError(f"--rc_min={cfg.rc_min} must be below --rc_max={cfg.rc_max}: tokens with ρ in between are kept")
-    if hasattr(cfg, "run_dir") and not cfg.run_dir:  # derived from the file name, as CleanRL's exp_name
+    if hasattr(cfg, "run_dir") and not cfg.run_dir and not getattr(cfg, "resume", ""):  # as CleanRL's exp_name
         cfg.run_dir = os.path.join("runs", run_name(cls) + ("-tiny" if cfg.tiny else ""))
     return cfg
 

@@ -3,6 +3,7 @@ gsm8k.py: the GSM8K task, as nanochat keeps tasks/gsm8k.py: loading, prompts, an
 
     load_gsm8k, read_jsonl,         problems [{question, answer}] from local jsonl or the hub, every
     check_problems, DataError       row checked; a bad file is one line naming file:line and the fix
+    quiet_hub                       a hub load without the client's retry chatter (its failure: one line)
     build_prompt                    the chat-templated prompt of one question
     Number, parse_number,           numbers read exactly in linear time: the first after the last '####'
     extract_answer,                 (strict), the last anywhere (lenient); what cannot be read exactly is
@@ -11,6 +12,8 @@ gsm8k.py: the GSM8K task, as nanochat keeps tasks/gsm8k.py: loading, prompts, an
     format_reward, lenient_correct  last number right
     reference_answer                a problem's reference answer, read from its '#### N' line
 """
+import contextlib
+import logging
 import os
 import re
 import unicodedata
@@ -30,11 +33,30 @@ class DataError(ValueError):
 # data
 
 
+@contextlib.contextmanager
+def quiet_hub():
+    """The Hugging Face hub client's warnings off stderr for a load: offline it logs ten lines of retries over ~25 s
+    before it gives up, and the caller's one-line error says what failed and what to pass instead."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
+
+
 def load_gsm8k(split, data_path=""):
     """GSM8K problems [{question, answer}] from a local jsonl file, a dir with <split>.jsonl, or the hub."""
     if not data_path:
         from datasets import load_dataset  # imported here: only the hub needs `datasets`
-        rows = load_dataset(GSM8K_HUB, "main", split=split)
+        try:
+            with quiet_hub():
+                rows = load_dataset(GSM8K_HUB, "main", split=split)
+        except (ConnectionError, OSError) as e:  # no network (after the hub client's retries), or no such dataset
+            raise DataError(f"cannot load GSM8K ({GSM8K_HUB}) from the Hugging Face hub ({type(e).__name__}): without a "
+                            "network give --data_path=<a dir with train.jsonl and test.jsonl> and a local --model, "
+                            "or run --tiny") from None
         return check_problems([(f"{GSM8K_HUB} {split} row {i}", dict(r)) for i, r in enumerate(rows, 1)], GSM8K_HUB)
     path = os.path.expanduser(data_path)
     if os.path.isdir(path):

@@ -62,7 +62,7 @@ def _load_error(what, path, e):
     if _looks_local(os.path.expanduser(path)):
         return UserError(f"model or checkpoint directory {path} does not exist")
     return UserError(f"cannot load the {what} {path!r} from the Hugging Face hub ({cause}); check the name and the "
-                     "network, or pass a local model dir")
+                     "network, or pass --model=<a local model dir> (and --data_path=<a local GSM8K dir>), or run --tiny")
 
 
 def tokenizer(path):
@@ -78,7 +78,8 @@ def tokenizer(path):
     declared = declared.get("tokenizer_class") if isinstance(declared, dict) else None
     loader = PreTrainedTokenizerFast if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") else AutoTokenizer
     try:
-        tok = loader.from_pretrained(os.path.expanduser(path))
+        with gsm8k.quiet_hub():
+            tok = loader.from_pretrained(os.path.expanduser(path))
     except (OSError, ValueError) as e:  # missing files, no network, a dir with no tokenizer in it
         raise _load_error("tokenizer", path, e) from None
     tok.padding_side = "left"
@@ -106,8 +107,9 @@ def model(path, device, dtype=torch.float32):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # transformers >= 5 draws a bar per load on stderr, where errors go
     try:
-        lm = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), use_safetensors=True,  # no pickles
-                                                  **_dtype_kwarg(dtype))
+        with gsm8k.quiet_hub():
+            lm = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), use_safetensors=True,  # no pickles
+                                                      **_dtype_kwarg(dtype))
     except Exception as e:  # missing or damaged weights (safetensors, pickle, json) each raise their own type
         raise _load_error("model", path, e) from None
     return lm.to(device).eval()

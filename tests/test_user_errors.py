@@ -13,7 +13,7 @@ import torch
 
 from grpo_family import checkpoint, config, evaluation, gsm8k, loading
 import grpo
-from helpers import cli_error, fails, run_main, single_process
+from helpers import ROOT, cli_error, fails, run_main, single_process
 
 FAST = ["--tiny", "--batch_prompts=4", "--group_size=4", "--eval_problems=8", "--eval_every=0"]
 
@@ -162,6 +162,18 @@ def test_resume_refuses_changed_settings_and_allows_more_steps(tiny_dir, tmp_pat
                monkeypatch=monkeypatch)  # not exit 0, saying nothing
     run_main(grpo, [*FAST, "--num_steps=2", f"--run_dir={r}", f"--resume={r}"], monkeypatch)
     assert (r / "latest").read_text() == "ckpt-000002"
+
+
+def test_resume_without_run_dir_goes_on_where_the_checkpoint_is(tiny_dir, tmp_path, monkeypatch):
+    """Item 10: --resume=<a custom run dir> without --run_dir went on into runs/grpo-tiny (or was refused there)."""
+    r = tmp_path / "R"
+    run_main(grpo, [*FAST, "--num_steps=1", f"--run_dir={r}"], monkeypatch)
+    monkeypatch.chdir(tmp_path)  # the default run dir would be tmp_path/runs/grpo-tiny
+    for n, resume in [(2, r), (3, r / "latest"), (4, r / "ckpt-000003")]:  # a run dir, its `latest` file, a ckpt
+        run_main(grpo, [*FAST, f"--num_steps={n}", f"--resume={resume}"], monkeypatch)
+        assert (r / "latest").read_text() == f"ckpt-{n:06d}"
+    assert [json.loads(l)["step"] for l in open(r / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    assert not (tmp_path / "runs").exists()
 
 
 def fake_checkpoint(run_dir, step, run_id):
@@ -335,3 +347,21 @@ def test_every_json_reader_refuses_a_deeply_nested_or_huge_file_in_one_line(tmp_
     monkeypatch.setattr(jsonfile, "MAX_CHARS", 10)  # the size bound: the same one line
     with pytest.raises(jsonfile.JSONError, match=r"x.json: over 10 characters"):
         jsonfile.loads('{"a": "0123456789"}', "x.json")
+
+
+def test_hub_commands_without_a_network_end_in_one_line_naming_the_local_alternatives(tmp_path):
+    """Reliability item 10: offline, the hub loads ended after the client's retries in a raw traceback. HF_HUB_OFFLINE
+    fails at once where a missing network would retry for ~25 s; an empty HF_HOME: nothing cached to fall back on."""
+    import subprocess
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    for argv, words in [(["eval_gsm8k.py", f"--out_dir={tmp_path / 'e'}"], ["GSM8K", "--data_path=", "--tiny"]),
+                        (["grpo.py", f"--data_path={data}", f"--run_dir={tmp_path / 'r'}"], ["--model=", "--tiny"])]:
+        p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+        assert lines[0].startswith(f"{argv[0]}: error: cannot load") and "hub" in lines[0], lines[0]
+        assert all(w in lines[0] for w in words), lines[0]
