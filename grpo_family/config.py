@@ -29,7 +29,8 @@ def run(main):
     try:
         main()
     except (UserError, gsm8k.DataError) as e:
-        print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        if not (getattr(e, "every_rank", False) and int(os.environ.get("RANK", 0))):  # torchrun: said once, by rank 0
+            print(f"{script}: error: {e}", file=sys.stderr, flush=True)
         distributed.leave(2)
     except RuntimeError as e:
         why = distributed.collective_failure(e)
@@ -111,7 +112,16 @@ def help_text(cls, tiny=None):
 
 def parse(cls, argv=None, tiny=None):
     """Build cls from defaults, then the `tiny` overrides if --tiny is given, then --key=value flags; every
-    value is checked against the range its field's comment declares. Raises UserError."""
+    value is checked against the range its field's comment declares. Raises UserError, marked every_rank: every
+    process of a torchrun launch parses the same flags, so run() lets rank 0 alone say it."""
+    try:
+        return _parse(cls, argv, tiny)
+    except UserError as e:
+        e.every_rank = True
+        raise
+
+
+def _parse(cls, argv, tiny):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--help" in argv or "-h" in argv:
         print(help_text(cls, tiny))

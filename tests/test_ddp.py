@@ -268,3 +268,14 @@ def test_dapo_with_every_group_filtered_stops_both_ranks_with_one_error(tiny_dir
         errors.append(found[-1])
     assert errors[0] == errors[1]  # the same error on both ranks: they counted the same kept groups
     assert "--max_sampling_rounds" in errors[0]
+
+
+def test_a_bad_flag_under_torchrun_is_one_line_from_rank_0_then_torchrun_s_report():
+    """What a user sees when a launch has a mistake: the script's line once (every rank parses the same flags, so rank
+    0 alone says it), first; then torchrun's own report of a child that exited 2, which it always prints."""
+    p = subprocess.run([*torchrun(2, "grpo.py"), "--tiny", "--group_size=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    ours = [l for l in lines if l.startswith("grpo.py: error: ")]
+    assert p.returncode != 0 and len(ours) == 1 and "--group_size=1" in ours[0], p.stderr[-3000:]
+    assert lines[0] == ours[0] and "exitcode  : 2" in p.stderr, p.stderr[-3000:]  # ours first; torchrun's summary
