@@ -94,13 +94,13 @@ TINY.update(num_minibatches=1)  # [MAXRL] the paper's on-policy step (Alg. 1)
 
 def group_advantages(rewards, group_size):  # [MAXRL] over the mean, not the std (§4): hard prompts weigh ~1/p
     """Â_i = (R_i - mean) / mean over each group of G consecutive rewards; (B,) -> (B,).
-    All-equal groups (none right, or all right) get Â = 0 exactly, never NaN: the paper's appendix
-    adds 1e-6 to the mean, prime-rl zeroes mean <= 0; a group with no success has no likelihood to raise.
+    All-equal groups and groups whose mean is <= 0 (prime-rl; the paper's mean + 1e-6 would give a negative reward
+    of one's own ±1e6) get Â = 0 exactly: no success, no likelihood to raise. Rewards >= 0 keep |Â| <= G - 1.
     """
     R = rewards.view(-1, group_size)                                          # (prompts, G)
     mean = R.mean(1, keepdim=True)
     std = R.std(1, keepdim=True, unbiased=False)
-    adv = torch.where(std > 1e-6, (R - mean) / mean.clamp_min(1e-6), torch.zeros_like(R))  # [MAXRL] / mean
+    adv = torch.where((std > 1e-6) & (mean > 0), (R - mean) / mean.clamp_min(1e-6), torch.zeros_like(R))  # [MAXRL]
     return adv.view(-1)
 
 

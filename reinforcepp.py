@@ -104,11 +104,11 @@ def reinforce_advantages(rewards, kl, mask, group_size, beta, baseline, d=None):
         A = (R - R.mean(1, keepdim=True)).view(-1, 1) * mask
     else:
         A = (rewards[:, None] - beta * (kl * mask).flip(1).cumsum(1).flip(1)) * mask  # the KL-to-go, γ = 1
-    stats = torch.stack([A.sum(), (A * A).sum(), mask.sum()])
-    stats = distributed.all_reduce_sum(stats, d) if d is not None else stats  # [R++] the global batch
-    mean = stats[0] / stats[2]
-    var = (stats[1] / stats[2] - mean ** 2).clamp_min(1e-8)
-    return (A - mean) * var.rsqrt() * mask
+    A, m = A.double(), mask.double()  # [R++] two passes in float64: fp32's E[A²] - mean² loses a KL-to-go spread
+    total = lambda x: distributed.all_reduce_sum(x, d) if d is not None else x  # [R++] the global batch  # noqa: E731
+    n, s = total(torch.stack([m.sum(), A.sum()]))
+    var = (total(((A - s / n) ** 2 * m).sum()) / n).clamp_min(1e-8)  # the second pass: around the mean
+    return ((A - s / n) * var.rsqrt() * m).to(rewards.dtype)
 
 
 def kl_k2(logp, ref_logp):  # [R++] the baseline variant's KL loss (OpenRLHF --kl_estimator k2)

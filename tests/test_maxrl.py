@@ -21,6 +21,17 @@ def test_adv_batch_matches_prime_rl_and_rlhf_book():
     assert torch.equal(adv[8:], torch.zeros(4, dtype=F64))  # no success: exactly 0, never NaN (SkyRL: 1e-6 noise)
 
 
+def test_a_group_whose_mean_is_not_positive_gets_zero_not_a_million():
+    """Issue 37's finding: mean.clamp_min(1e-6) gave ±5e5 to a group with mean <= 0 (prime-rl gives 0)."""
+    R = torch.tensor([-1.0, 1.0, 0.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.5, -0.1, 0.0, 0.0])  # means 0, -0.5, 0.1
+    adv = maxrl.group_advantages(R, 4)
+    assert torch.equal(adv[:8], torch.zeros(8))
+    assert adv[8:].tolist() == pytest.approx([4.0, -2.0, -1.0, -1.0], rel=1e-5)  # a positive mean: (R - r̄)/r̄
+    for G in (2, 4, 8):  # rewards >= 0: |Â| <= G - 1
+        R = torch.rand(64 * G) * (torch.rand(64 * G) > 0.7)
+        assert maxrl.group_advantages(R, G).abs().max() <= G - 1 + 1e-5
+
+
 def test_all_right_groups_are_zero_and_the_weight_is_one_over_p():
     # one correct sample among G: its Â = (1 - p)/p with p = 1/G, so a hard prompt's right answer weighs ~1/p;
     # GRPO's weight is (1 - p)/sqrt(p(1 - p)) = sqrt((1-p)/p): MaxRL's is its square

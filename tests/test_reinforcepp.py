@@ -40,6 +40,21 @@ def test_kl_to_go_and_whitening_match_openrlhf():
     torch.testing.assert_close(adv[mask.bool()], (flat - flat.mean()) / flat.std(unbiased=False))
 
 
+def test_whitening_in_fp32_matches_float64_when_every_reward_is_equal():
+    """Issue 37's finding: with equal rewards the only spread is β x the KL-to-go (~1e-3 of the mean); the one-pass
+    fp32 variance E[A²] - mean² lost it and Â was off by 0.14 to 2.06 against float64."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 64, 40
+    mask = (torch.arange(T)[None, :] < torch.randint(5, T + 1, (B, 1), generator=g)).float()
+    kl = torch.randn(B, T, generator=g, dtype=torch.float64).abs() * 1e-2 * mask
+    R = torch.full((B,), 1.1, dtype=torch.float64)
+    want = reinforcepp.reinforce_advantages(R, kl, mask.double(), 8, 0.01, False)  # float64 in, float64 out
+    got = reinforcepp.reinforce_advantages(R.float(), kl.float(), mask, 8, 0.01, False)
+    assert got.dtype == torch.float32 and (got.double() - want).abs().max() < 1e-3
+    returns = (R[:, None] - 0.01 * kl.flip(1).cumsum(1).flip(1))[mask.bool()]  # an independent float64 whitening
+    torch.testing.assert_close(want[mask.bool()], (returns - returns.mean()) / returns.std(unbiased=False))
+
+
 def test_actor_and_k2_loss_match_openrlhf():
     new, old, ref, _, mask, _, A = toy11()
     A_tok = A[:, None] * mask

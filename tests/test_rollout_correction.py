@@ -108,6 +108,27 @@ def test_reweight_keeps_the_value_and_scales_every_term_of_grpo():
     assert rollout.reweight(new, None, slice(None)) is new  # none: the loss sees log π_θ itself
 
 
+def test_the_two_stated_conventions_hold_and_are_stated():
+    """docs/rollout_correction.md: token_tis caps without OpenRLHF's floor; GMPO weights each token's log-ratio by its
+    own w_t, where verl scales the sequence by the geometric mean of its weights (equal when a row's weights are)."""
+    import gmpo
+    doc = open(os.path.join(ROOT, "docs", "rollout_correction.md")).read()
+    assert "OpenRLHF's `tis` has a floor" in doc and "geometric mean of its token weights" in doc
+    log_rho = torch.log(torch.tensor([[0.1, 1.0, 3.0]]))
+    w = rollout.correction_weights(log_rho, torch.ones(1, 3), "token_tis", 0.5, 2.0)
+    assert w[0].tolist() == pytest.approx([0.1, 1.0, 2.0])  # OpenRLHF tis ([0.5, 2]): [0.5, 1.0, 2.0]
+    new, old, ref, _, mask, _, A = toy11()
+    new = (old + 0.05 * (new - old)).detach()  # small ratios: no token clipped, the gradients compare exactly
+    gen = torch.Generator().manual_seed(0)
+    for w in (torch.rand(new.shape, generator=gen, dtype=F64) + 0.5, (torch.rand(4, 1, dtype=F64) + 0.5).expand_as(new)):
+        x, y = new.clone().requires_grad_(True), new.clone().requires_grad_(True)
+        ours = value_and_dj(gmpo.policy_loss(rollout.reweight(x, w, slice(None)), old, ref, A, mask, 0.4, 0.0)[0], x)[1]
+        plain = value_and_dj(gmpo.policy_loss(y, old, ref, A, mask, 0.4, 0.0)[0], y)[1]
+        g = torch.exp((torch.log(w) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True))  # verl: per sequence
+        torch.testing.assert_close(ours, plain * w * mask, atol=1e-12, rtol=0)  # token t: its own w_t
+        assert torch.allclose(ours, plain * g * mask, atol=1e-12) == bool((w == w[:, :1]).all())
+
+
 # -----------------------------------------------------------------------------
 # the sampler's log-probs: both decoding paths, against Hugging Face's own warpers
 
