@@ -174,9 +174,11 @@ def _all_wrote(err, d, step, where):
 
 
 @torch.no_grad()
-def _logits_finite(lm, tok):
-    """One forward of a few tokens (every rank: a collective under --fsdp): an update can leave every weight finite
-    yet so large that the logits overflow, and the next rollout's sampling would fail on them."""
+def _logits_finite(lm, tok, d):
+    """One forward of a few tokens: an update can leave every weight finite yet so large that the logits overflow,
+    and the next rollout's sampling would fail on them. Under --fsdp the forward runs on the decode copy (gathered
+    by every rank together; the next rollout reuses it, as no update comes between)."""
+    lm = fsdp.decode_copy(lm, distributed.cuda_numerics(d.device))
     ids = tok("1 + 1 = 2", add_special_tokens=False)["input_ids"]
     was_training = lm.training
     lm.eval()
@@ -195,7 +197,7 @@ def save(run_dir, step, lm, tok, optimizer, cfg, d, modules=None, extra=None, ke
     if not (fsdp.all_finite(lm, d) if sharded else all(torch.isfinite(p).all() for p in lm.parameters())):  # all stop
         raise UserError(f"step {step}: the weights are not finite: the update diverged (lower --lr={cfg.lr}); "
                         "not saved, `latest` names the last good checkpoint")
-    if not _logits_finite(lm, tok):  # finite weights can still be exploded ones (every rank: the same weights)
+    if not _logits_finite(lm, tok, d):  # finite weights can still be exploded ones (every rank: the same weights)
         raise UserError(f"step {step}: the weights give non-finite logits: the update diverged (lower --lr={cfg.lr}); "
                         "not saved, `latest` names the last good checkpoint")
     whole = (fsdp.state_dict(lm, d), fsdp.optimizer_state(optimizer, d)) if sharded else (None, None)

@@ -90,7 +90,7 @@ OWN_ERRORS = [
     ("drgrpo", ["--beta=-1"], ["--beta=", "out of range"]),
     ("cispo", ["--clip_eps_high=0"], ["--clip_eps_high=", "out of range"]),
     ("cispo", ["--clip_eps_low=-0.1"], ["--clip_eps_low=", "out of range"]),
-    ("rloo", ["--beta=nan"], ["--beta=", "out of range"]),
+    ("rloo", ["--beta=nan"], ["--beta=nan", "not a number"]),
     ("gmpo", ["--clip_eps=0"], ["--clip_eps=", "out of range"]),
     ("gdpo", ["--format_weight=-1"], ["--format_weight=", "out of range"]),
     ("dppo", ["--divergence=js"], ["--divergence=", "{tv, kl}"]),
