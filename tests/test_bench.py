@@ -1,10 +1,11 @@
 """tools/bench.py: a CI smoke run on the tiny model, and the arithmetic behind its figures."""
 import sys
 
+import pytest
 import torch
 
 from tools import bench
-from helpers import run
+from helpers import cli_error, run
 
 SMOKE = ["--tiny", "--num_seqs=8", "--group_size=4", "--prompt_len=16", "--max_new_tokens=8", "--micro_batch_size=4",
          "--num_minibatches=2", "--threads=1"]
@@ -54,3 +55,22 @@ def test_device_specs_table_and_flags():
     for name, want in names.items():
         got = next((p, b) for key, p, b in bench.GPU_SPECS if key in name)
         assert got == want, name
+
+
+@pytest.mark.parametrize("argv,words", [
+    ([], "the real shape (Qwen2.5-1.5B-Instruct) needs a GPU and torch sees none here: --tiny runs the tiny model on "
+         "this CPU; --device=cpu runs the real shape here anyway"),
+    (["--device=cuda"], "--device=cuda, but torch sees no CUDA device here: run it on a GPU machine; --tiny runs"),
+    (["--device=cuda", "--tiny"], "--device=cuda, but torch sees no CUDA device here: run it on a GPU machine; "
+                                  "--device=cpu runs the tiny model"),
+    (["--tiny", "--max_new_tokens=1000000"], "--prompt_len=64 + --max_new_tokens=1000000 tokens pass the model's "
+                                             "context of 512: lower them"),
+    (["--device=cpu", "--max_new_tokens=32609"], "--prompt_len=160 + --max_new_tokens=32609 tokens pass the model's "
+                                                 "context of 32768"),
+])
+def test_what_cannot_run_here_is_one_line_before_any_model_is_built(argv, words, tiny_dir, capsys, monkeypatch):
+    """Without a GPU (as torch reports it), the default (the real shape) and --device=cuda refuse, and a prompt plus
+    its new tokens past the model's context (which would decode until killed) is refused, before a model is built."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "build_model", lambda *a: pytest.fail("a model was built"))
+    assert words in cli_error(bench, argv, capsys, monkeypatch)

@@ -1,11 +1,12 @@
 """tools/compare.py reads metrics logs, aggregates over seeds, and writes the table (and figure)."""
+import errno
 import json
 import os
 import sys
 
 import pytest
 
-from tools import compare
+from tools import compare, output
 from helpers import cli_error, fails
 
 
@@ -92,3 +93,84 @@ def test_a_failed_run_stops_the_others(tmp_path, tiny_dir):
         except (FileNotFoundError, ProcessLookupError):  # a process that ended while we listed them
             continue
     assert not alive, (line, alive)
+
+
+@pytest.mark.parametrize("text,words", [
+    ('{"step": 0, "eval/strict": "x"}\n', "metrics.jsonl:1: 'eval/strict' is 'x', not a number or null"),
+    ('{"step": 0, "eval/strict": 0.3, "reward": [1]}\n', "metrics.jsonl:1: 'reward' is [1], not a number or null"),
+    ('{"step": true, "eval/strict": 0.3}\n', "metrics.jsonl:1: not a metrics row (no integer 'step')"),
+    ('{"step": 0, "eval/strict": null}\n', "holds no held-out evaluation (an empty or unfinished run)"),
+    ('{"step": 0, "eval/strict": 0.3}\n{"step": 1, "rew', "metrics.jsonl:2: not valid JSON"),  # cut short
+])
+def test_a_damaged_or_unfinished_log_is_one_line(text, words, tmp_path, capsys, monkeypatch):
+    (tmp_path / "grpo-s0").mkdir()
+    (tmp_path / "grpo-s0" / "metrics.jsonl").write_text(text)
+    line = cli_error(compare, ["--logs_only", "--algos=grpo", "--seeds=1", f"--out_dir={tmp_path}"], capsys, monkeypatch)
+    assert words in line and "run it again without --logs_only" in line, line
+
+
+def test_a_log_without_every_metric_still_makes_a_table(tmp_path):
+    """Rows as an unfinished run leaves them: evaluations only (no response length), a null where nothing was
+    counted, SAPO's gate with one side missing: n/a in the table, no traceback."""
+    (tmp_path / "sapo-s0").mkdir()
+    (tmp_path / "sapo-s0" / "metrics.jsonl").write_text(
+        '{"step": 0, "eval/strict": 0.3}\n{"step": 1, "gate_weight_pos": 0.9, "entropy": null, "eval/strict": 0.4}\n')
+    cfg = compare.Config(algos="sapo", seeds=1, out_dir=str(tmp_path), logs_only=True)
+    runs = compare.load_runs(cfg.out_dir, ["sapo"], 1)
+    assert compare.table(cfg, runs).splitlines()[-1] == "| sapo | 0.300 | **0.400 ± 0.000** | 0.400 | not reached | n/a | n/a |"
+    assert compare.series(runs["sapo"], compare.trust_region) == []
+
+
+def test_odd_out_dirs_and_figures_are_one_line_before_anything_runs(tmp_path, tiny_dir, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    fake_run(tmp_path / "runs" / "grpo-s0", 0.6)
+    monkeypatch.setattr(compare, "run_all", lambda *a: pytest.fail("a run started"))
+    logs = ["--logs_only", "--algos=grpo", "--seeds=1"]
+    for argv, words in [
+            ([*logs, f"--out_dir={tmp_path / 'file'}"], "is not a folder of runs named <algo>-s<seed>"),
+            ([*logs, f"--out_dir={tmp_path / 'none'}"], "is not a folder of runs named <algo>-s<seed>"),
+            (["--algos=grpo", f"--out_dir={tmp_path / 'file'}"], f"--out_dir={tmp_path / 'file'} is a file, not a folder"),
+            (["--algos=grpo", f"--out_dir={tmp_path / 'file' / 'sub'}"], "is not a writable folder (Not a directory)"),
+            ([*logs, f"--out_dir={tmp_path / 'runs'}", "--figure=fig.jpg"], "--figure=fig.jpg: give a path ending in .png"),
+            ([*logs, f"--out_dir={tmp_path / 'runs'}", f"--figure={tmp_path / 'file' / 'f.png'}"],
+             f"its folder {tmp_path / 'file'} is a file, not a folder")]:
+        assert words in cli_error(compare, argv, capsys, monkeypatch)
+
+    def read_only(*a, **k):  # emulated: a root user writes through permissions
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(output.tempfile, "TemporaryFile", read_only)
+    line = cli_error(compare, [*logs, f"--out_dir={tmp_path / 'runs'}"], capsys, monkeypatch)
+    assert line.endswith(f"--out_dir={tmp_path / 'runs'} is not a writable folder (Read-only file system): pick another")
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_table(tmp_path, capsys, monkeypatch):
+    fake_run(tmp_path / "grpo-s0", 0.6)
+
+    def full(path, *a, **k):  # emulated: a write on a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(output, "open", full, raising=False)
+    line = cli_error(compare, ["--logs_only", "--algos=grpo", "--seeds=1", f"--out_dir={tmp_path}"], capsys, monkeypatch)
+    assert f"cannot write {tmp_path / 'summary.md'}: No space left on device" in line
+    assert sorted(os.listdir(tmp_path)) == ["grpo-s0"]
+
+
+def test_a_file_where_a_run_dir_goes_stops_before_any_run(tmp_path, tiny_dir, capsys, monkeypatch):
+    (tmp_path / "grpo-s0").write_text("x")
+    line = cli_error(compare, ["--algos=grpo", "--seeds=1", f"--out_dir={tmp_path}"], capsys, monkeypatch)
+    assert f"cannot start the run in {tmp_path / 'grpo-s0'}: File exists" in line
+
+
+@pytest.mark.parametrize("extra", ["--seed=5", "--run_dir=runs/x", "--num_steps=2 --tiny=false", "--overwrite",
+                                   "--resume=runs/grpo-tiny"])
+def test_extra_flags_that_would_make_every_seed_one_run_are_refused(extra, tmp_path, capsys, monkeypatch):
+    line = cli_error(compare, ["--algos=grpo", f"--extra={extra}", f"--out_dir={tmp_path}"], capsys, monkeypatch)
+    assert f"--extra={extra!r} sets {extra.split()[-1]}: compare sets each run's seed and run dir itself" in line
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv,words", [(["--threshold=1.5"], "--threshold=1.5 is out of range: it must be in [0, 1]"),
+                                        (["--threshold=-0.1"], "--threshold=-0.1 is out of range"),
+                                        (["--threshold=nan"], "--threshold=nan is not a number"),
+                                        (["--algos=grpo,grpo"], "names a trainer twice")])
+def test_bad_settings_are_one_line(argv, words, tmp_path, capsys, monkeypatch):
+    assert words in cli_error(compare, [*argv, "--logs_only", f"--out_dir={tmp_path}"], capsys, monkeypatch)

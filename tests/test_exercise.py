@@ -110,3 +110,6 @@ def test_user_errors(tmp_path, capsys, monkeypatch):
     assert "already holds grpo.py" in line and "--overwrite" in line
     assert (out / "grpo.py").read_text() == "# a student's work\n"
     assert "is a file" in cli_error(exercise, [f"--out_dir={out / 'gspo.py'}"], capsys, monkeypatch)
+    # found by tests/test_fuzz.py: an empty --out_dir was a FileNotFoundError traceback from os.makedirs('')
+    assert cli_error(exercise, ["--out_dir="], capsys, monkeypatch) == \
+        "exercise.py: error: --out_dir= names no folder: give one (it is made if missing)"

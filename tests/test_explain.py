@@ -4,9 +4,11 @@ to a trainer's loss or loop with no change to explain.py, the token states mean 
 rendered by headless Chromium as a reader's browser would, shows one row per trainer with the numbers explain.py
 computed (CISPO's checked against its closed form). The browser test skips without Chromium, except in CI
 (.ci/run installs it and requires it)."""
+import errno
 import json
 import os
 import struct
+import time
 from html.parser import HTMLParser
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 from helpers import F64, cli_error
 from grpo_family import rollout
-from tools import explain, explain_page, trainers
+from tools import explain, explain_page, output, trainers
 
 G, T = 4, 5
 
@@ -110,9 +112,10 @@ def test_states_mean_what_the_legend_says(batch):
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    out = tmp_path_factory.mktemp("explain") / "page.html"
-    explain.main(["--tiny", f"--out={out}", "--png=none"])
-    return out, json.load(open(str(out) + ".json"))
+    out = tmp_path_factory.mktemp("explain")
+    explain.main(["--tiny", f"--out_dir={out}", "--png=none"])
+    assert sorted(os.listdir(out)) == ["explain.html", "explain.json"]
+    return out / "explain.html", json.load(open(out / "explain.json"))
 
 
 class Rows(HTMLParser):
@@ -185,7 +188,76 @@ def test_a_browser_renders_the_page(page, tmp_path):
     assert os.path.getsize(png) > 20_000  # a rendered page, not a blank one
 
 
-@pytest.mark.parametrize("argv,words", [(["--show=9"], "--show=9 is more than one group's --group_size=8"),
-                                        (["--png=page.jpg"], "--png='page.jpg': give a path ending in .png")])
-def test_bad_settings_are_one_line(argv, words, capsys, monkeypatch):
-    assert words in cli_error(explain, ["--tiny", *argv], capsys, monkeypatch)
+@pytest.mark.parametrize("argv,words", [
+    (["--show=9"], "--show=9 is more than one group's --group_size=8"),
+    (["--png=page.png"], "--png='page.png' is out of range"),
+    (["--prompts=1", "--group_size=4", "--show=1", "--steps=1", "--png=none"],  # no group DAPO keeps: explain's fix
+     "dapo: dynamic sampling: 0 of batch_prompts=1 groups kept after 10 prompts in max_sampling_rounds=10: nearly "
+     "all groups are all right or all wrong; on this page's batch: try another --seed or more --prompts")])
+def test_bad_settings_are_one_line(argv, words, tmp_path, capsys, monkeypatch):
+    assert words in cli_error(explain, ["--tiny", f"--out_dir={tmp_path}", *argv], capsys, monkeypatch)
+
+
+SMALL = ["--tiny", "--prompts=2", "--group_size=4", "--show=1", "--steps=1"]  # a page in about 2 s
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """A file, a file on the way, a read-only disk (emulated: a root user writes through permissions): refused
+    before the rollout, in one line naming --out_dir."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(explain, "make_batch", lambda *a: pytest.fail("the work started"))
+    for where, words in [(tmp_path / "file", "is a file, not a folder"),
+                         (tmp_path / "file" / "sub", "is not a writable folder (Not a directory)")]:
+        assert f"--out_dir={where} {words}" in cli_error(explain, [*SMALL, f"--out_dir={where}"], capsys, monkeypatch)
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(output.tempfile, "TemporaryFile", read_only)
+    line = cli_error(explain, [*SMALL, f"--out_dir={tmp_path}/ro"], capsys, monkeypatch)
+    assert "is not a writable folder (Read-only file system): pick another" in line
+
+
+def test_a_full_disk_or_a_folder_in_the_way_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "dir" / "explain.html").mkdir(parents=True)  # a folder where the page goes
+    line = cli_error(explain, [*SMALL, f"--out_dir={tmp_path / 'dir'}", "--png=none"], capsys, monkeypatch)
+    assert f"cannot write {tmp_path / 'dir' / 'explain.html'}: Is a directory" in line
+    real_open = open
+
+    class FullDisk:  # a file whose bytes never fit: what a write on a full disk raises (emulated)
+        def __init__(self, path, *a, **k):
+            self.f = real_open(path, *a, **k)
+
+        def write(self, text):
+            self.f.write(text[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(output, "open", FullDisk, raising=False)
+    line = cli_error(explain, [*SMALL, f"--out_dir={tmp_path / 'full'}", "--png=none"], capsys, monkeypatch)
+    assert f"cannot write {tmp_path / 'full' / 'explain.html'}: No space left on device; free disk space" in line
+    assert os.listdir(tmp_path / "full") == []
+
+
+CUT_PNG = "for a; do case $a in --screenshot=*) printf '\\211PNG' > \"${a#--screenshot=}\";; esac; done"
+
+
+@pytest.mark.parametrize("script,words", [
+    ("echo 'cannot open display' >&2; exit 3", "{fake} exited 3 (cannot open display); install a working one"),
+    ("sleep 60", "{fake} did not finish within 1 s; install a working one"),
+    (CUT_PNG, "wrote no whole screenshot to {out}/explain.png ({out}/explain.partial.png ends before the image")])
+def test_a_failing_or_hanging_chromium_is_one_line(script, words, tmp_path, capsys, monkeypatch):
+    """A $CHROMIUM that fails, hangs (killed at TIMEOUT), or exits 0 with its PNG cut short (as on a full disk): one
+    line after the page and its numbers are written, and no partial PNG left."""
+    fake, out = tmp_path / "chromium", tmp_path / "out"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CHROMIUM", str(fake))
+    monkeypatch.setattr(explain_page, "TIMEOUT", 1)
+    t0 = time.time()
+    line = cli_error(explain, [*SMALL, f"--out_dir={out}"], capsys, monkeypatch)
+    assert "headless Chromium " + words.format(fake=fake, out=out) in line and "--png=none" in line, line
+    assert time.time() - t0 < 30 and sorted(os.listdir(out)) == ["explain.html", "explain.json"]

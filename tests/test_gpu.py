@@ -207,4 +207,5 @@ def test_one_fsdp_step_under_torchrun(model_dir, tmp_path):
         with open(os.environ["GPU_CHECK_REPORT"], "a") as f:
             f.write(json.dumps({"trainer": "grpo+fsdp", "device": str(DEV), "seconds": round(time.time() - t0, 1),
                                 "loss": step["loss"], "mismatch": step.get("mismatch"),
-                                "settings": "torchrun --nproc_per_node=1 grpo.py --fsdp"}) + "\n")
+                                "peak_gib": None,
+                                "settings": ["torchrun", "--nproc_per_node=1", "grpo.py", "--fsdp"]}) + "\n")

@@ -3,6 +3,7 @@ imports, and the check finds each kind of disagreement; the refresh's writers pr
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import packages_distributions
@@ -142,3 +143,27 @@ def test_the_lock_header_says_what_passed():
     head = [l for l in open(lock.LOCK) if l.startswith("#")]
     assert any(l.startswith("# Passed on ") and "Python " in l and "torch " in l and "suite: " in l for l in head), head
     assert json.dumps(lock.read_lock()["torch"][0]).strip('"').count("+") == 0  # any build of that torch
+
+
+def test_the_lock_header_and_readme_give_the_same_suite_run():
+    """The lock's header and README quote one fresh-clone .ci/run: the same counts and pytest's seconds."""
+    head = next(l for l in open(lock.LOCK) if l.startswith("# Passed on "))
+    in_lock = re.search(r"suite: (\d+) passed, (\d+) skipped in (\d+)(?:\.\d+)?s", head)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    in_readme = re.search(r"`\.ci/run` \([^)]*\) (\d+) passed\s+and (\d+) skipped in (\d+) s of pytest", readme)
+    assert in_lock and in_readme, (head, "README names no `.ci/run` (...) N passed and M skipped in S s of pytest")
+    assert in_lock.groups() == in_readme.groups(), (in_lock.groups(), in_readme.groups())
+
+
+@pytest.mark.parametrize("which", ["REQUIREMENTS", "LOCK"])
+def test_a_file_that_is_not_utf8_is_one_line(which, tmp_path, monkeypatch, capsys):
+    """A latin-1 byte (an editor's save) in requirements.txt or requirements.lock: one line naming the file, exit 2."""
+    good = open(getattr(lock, which), encoding="utf-8").read()
+    bad = tmp_path / os.path.basename(getattr(lock, which))
+    bad.write_bytes(good.encode() + "# caf\xe9\n".encode("latin-1"))
+    monkeypatch.setattr(lock, which, str(bad))
+    with pytest.raises(SystemExit) as e:
+        lock.main(["check"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"lock.py: error: {bad}: not UTF-8 text (byte 0xe9 at offset {len(good.encode()) + 5})"), err

@@ -125,9 +125,32 @@ def test_compare_reads_the_gpu_checks_steps(tmp_path, capsys, monkeypatch):
     (["grpo", "--lr=fast"], "--lr"),
     (["grpo", "--nosuch=1"], "unknown config key --nosuch"),
     (["--compare=/nonexistent/steps.jsonl"], "cannot read it"),
+    (["grpo", "--gpus="], "--gpus needs a value: --gpus=..."),
+    (["grpo", "--gpus"], "--gpus needs a value: --gpus=..."),
+    (["grpo", "--prompt_len="], "--prompt_len needs a value"),
+    (["--compare="], "--compare needs a value"),
+    # the trainers' own rule (config.parse): 32 prompts do not split over 3 or 64 processes
+    (["grpo", "--gpus=3"], "--batch_prompts=32 must split over the 3 process(es)"),
+    (["grpo", "--gpus=64"], "--batch_prompts=32 must split over the 64 process(es)"),
+    (["all", "--gpus=3"], "must split over the 3 process(es)"),
+    (["grpo", "--gpus=2", "--batch_prompts=3", "--tiny"], "--batch_prompts=3 must split over the 2 process(es)"),
+    (["grpo", f"--gpus={2**70}"], f"must split over the {2**70} process(es)"),
+    (["table", "--gpus=2"], "table takes neither --gpus, --device nor a trainer's flags (got --gpus)"),
+    (["table", "grpo", "--lr=1"], "table takes neither --gpus, --device nor a trainer's flags (got --lr=1)"),
+    (["--compare=steps.jsonl", "--device=cpu"], "--compare takes neither --gpus, --device"),
 ])
 def test_user_errors_are_one_line(argv, needle, capsys, monkeypatch):
     assert needle in cli_error(memory, argv, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("row", [[1], {"trainer": "grpo", "peak_gib": 1.0}, {"trainer": "grpo", "peak_gib": "1",
+                                                                            "settings": []},
+                                 {"trainer": "grpo", "peak_gib": 1.0, "settings": "--lr=1"}])
+def test_a_steps_file_that_is_not_the_gpu_checks_is_one_line(row, tmp_path, capsys, monkeypatch):
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text(json.dumps(row) + "\n")
+    line = cli_error(memory, [f"--compare={steps}", "--shape=tiny"], capsys, monkeypatch)
+    assert f"{steps}:1: not a step of the GPU check" in line
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["grpo", "--help"], ["-h"]])

@@ -18,15 +18,17 @@ sequence decodes to exactly max_new_tokens. The tokenizer is not needed: texts a
 Launch:
     python -m tools.bench                                  # 1 GPU: 256 sequences x 300 new tokens
     python -m tools.bench --tiny                           # the tiny model on CPU (the CI smoke runs a smaller one)
+    python -m tools.bench --device=cpu                     # the real shape without a GPU: about 24 GB, hours
     python -m tools.bench --peak_tflops=989 --mem_bw_gbs=3350   # a device missing from GPU_SPECS
     python -m tools.bench --help                           # every knob with its default
 
 Targets on a GPU (docs/bench.md): rollout >= 4x plain generate and >= 25% of the decode roofline
 for 256 x 300 tokens; update >= 35% MFU; peak memory <= 36 GiB.
 
-What it holds: Config (the knobs) and main (the phases in order); build_model, random_prompts, NoEosTokenizer (the
-model, its prompts, a tokenizer whose EOS never comes); device_specs, timed, decode_roofline_seconds (the device's
-peak, one timed phase, the roofline); update (grpo.py's update phase).
+What it holds: Config (the knobs) and main (the phases in order); pick_device, model_config, build_model,
+random_prompts, NoEosTokenizer (the device, the model's config and the model, its prompts, a tokenizer whose EOS
+never comes); device_specs, timed, decode_roofline_seconds (the device's peak, one timed phase, the roofline); update
+(grpo.py's update phase).
 """
 import copy
 import resource
@@ -42,7 +44,7 @@ from tools import trainers
 @dataclass
 class Config:
     tiny: bool = False  # the cached tiny model (fp32 on CPU) instead of random-weight Qwen2.5-1.5B-Instruct
-    device: str = "auto"  # in {auto, cpu, cuda} (auto = cuda if available)
+    device: str = "auto"  # in {auto, cpu, cuda} (auto = cuda if available; the real shape on a CPU needs cpu)
     num_seqs: int = 256  # completions per step (prompts x group_size), all on this one device, in [1, inf)
     group_size: int = 8  # G: completions per prompt, in [1, inf); prompts are repeated G times, as in the trainers
     prompt_len: int = 160  # longest prompt in tokens, in [2, inf); lengths drawn from [prompt_len/2, prompt_len]
@@ -94,16 +96,42 @@ class NoEosTokenizer:
         return [""] * len(ids)
 
 
-def build_model(cfg, device):
-    """(fp32 model in eval mode, pad id): the cached tiny model, or Qwen2.5-1.5B-Instruct with random weights."""
+def pick_device(cfg):
+    """The device the phases run on: --device, or under auto CUDA where torch sees it. The real shape without a GPU
+    (about 24 GB of host memory, hours) runs only when --device=cpu asks for it; a missing GPU is a UserError."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        here = "--device=cpu runs the tiny model on this CPU" if cfg.tiny else "--tiny runs the tiny model on this CPU"
+        raise config.UserError(f"--device=cuda, but torch sees no CUDA device here: run it on a GPU machine; {here}")
+    if cfg.device == "auto" and not cuda and not cfg.tiny:
+        raise config.UserError("the real shape (Qwen2.5-1.5B-Instruct) needs a GPU and torch sees none here: --tiny "
+                               "runs the tiny model on this CPU; --device=cpu runs the real shape here anyway (about "
+                               "24 GB of memory, hours)")
+    return torch.device(cfg.device if cfg.device != "auto" else "cuda" if cuda else "cpu")
+
+
+def model_config(cfg, device):
+    """(the config of the model bench builds, the tiny model's dir or None): the cached tiny model's, or
+    Qwen2.5-1.5B-Instruct's. A prompt that with its new tokens passes the config's context is a UserError."""
+    from transformers import AutoConfig, Qwen2Config
+    path = loading.model_path("tiny", distributed.Dist(False, 0, 0, 1, device, True)) if cfg.tiny else None
+    mc = AutoConfig.from_pretrained(path) if cfg.tiny else Qwen2Config(**QWEN25_15B_INSTRUCT)
+    if cfg.prompt_len + cfg.max_new_tokens > mc.max_position_embeddings:
+        raise config.UserError(f"--prompt_len={cfg.prompt_len} + --max_new_tokens={cfg.max_new_tokens} tokens pass "
+                               f"the model's context of {mc.max_position_embeddings}: lower them")
+    return mc, path
+
+
+def build_model(cfg, device, mc, path):
+    """(fp32 model in eval mode, pad id): the cached tiny model at `path`, or a model of config `mc` (Qwen2.5-1.5B-
+    Instruct's) with random weights."""
     if cfg.tiny:
-        path = loading.model_path("tiny", distributed.Dist(False, 0, 0, 1, device, True))
         model, pad_id = loading.model(path, device), loading.tokenizer(path).pad_token_id
     else:
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers import Qwen2ForCausalLM
         torch.manual_seed(cfg.seed)
         with torch.device(device):  # initialise on the device: no 6 GB copy through the host
-            model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_15B_INSTRUCT)).eval()
+            model = Qwen2ForCausalLM(mc).eval()
         pad_id = QWEN_PAD_ID
     model.generation_config.eos_token_id = None  # EOS comes from NoEosTokenizer only: suppressed
     return model, pad_id
@@ -179,11 +207,10 @@ def main():
                                f"and num_minibatches={cfg.num_minibatches}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    device = pick_device(cfg)
+    mc, path = model_config(cfg, device)
     distributed.seed_everything(cfg.seed)
-    model, pad_id = build_model(cfg, device)
-    mc = model.config
+    model, pad_id = build_model(cfg, device, mc, path)
     V, B, P, T = mc.vocab_size, cfg.num_seqs, cfg.prompt_len, cfg.max_new_tokens
     tok = NoEosTokenizer(pad_id, V)
     prompt_ids, prompt_mask = random_prompts(cfg, V, pad_id, device)

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 
 from grpo_family import config
-from tools import trainers
+from tools import output, trainers
 
 # the hint each blanked function carries, "trainer.function": a nudge toward the shape of the code, not the answer
 HINTS = {
@@ -147,16 +147,13 @@ def main():
     if unknown or not names:
         raise config.UserError(f"unknown trainer(s) {unknown} in --trainers: choose from {', '.join(trainers.TRAINERS)}"
                                " or all")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise config.UserError(f"--out_dir={cfg.out_dir} is a file: name a directory")
+    output.writable_dir(cfg.out_dir, f"--out_dir={cfg.out_dir}")  # before any copy is written
     present = [t for t in names if os.path.exists(os.path.join(cfg.out_dir, f"{t}.py"))]
     if present and not cfg.overwrite:
         raise config.UserError(f"{cfg.out_dir} already holds {', '.join(p + '.py' for p in present)} (a student's "
                                "work?): pass --overwrite to replace them, or another --out_dir")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     for t in names:
-        with open(os.path.join(cfg.out_dir, f"{t}.py"), "w") as f:
-            f.write(student_copy(t))
+        output.write(os.path.join(cfg.out_dir, f"{t}.py"), student_copy(t), "free disk space or pick another --out_dir")
         print(f"{cfg.out_dir}/{t}.py: write {', '.join(algorithm_functions(t))}")
     print(f"\nrun one:   PYTHONPATH=. python {cfg.out_dir}/{names[0]}.py --tiny --run_dir=runs/ex-{names[0]}\n"
           f"grade one: GRPO_EXERCISES={cfg.out_dir} python -m pytest -q tests/test_{names[0]}.py")

@@ -13,14 +13,15 @@ that never had one (filtered, Â = 0, no pair).
     python -m tools.explain --tiny                         # the tiny default, CPU, no downloads
     python -m tools.explain --model=runs/grpo --data_path=/data/gsm8k --max_new_tokens=200
 
-Writes <out> (a self-contained HTML page: no network, no script), <out>.json (every number shown), and a
-PNG of the page rendered by headless Chromium when one is installed (Debian: apt-get install chromium).
+Writes <out_dir>/explain.html (a self-contained page: no network, no script), explain.json beside it (every number
+shown), and explain.png, the page rendered by headless Chromium when one is installed (apt-get install chromium).
 Walk-through of an example: docs/explain.md. The page itself: tools/explain_page.py.
 
 What it holds: page_flags (the trainer's flags for a step on the page's batch), RowIndex and PagePolicy (finding
 the page's rows in what the trainer asks, and reading the gradient it gives them), critic_body, run_trainer,
 token_weights, token_states (the three states the legend shows), make_batch and page_batch (the batch and its
-log-probs), shown_rows (the completions on the page), Config, main.
+log-probs), shown_rows (the completions on the page), Config, check_outputs and write_outputs (the folder checked
+before the work, the files written after it), main.
 """
 import inspect
 import json
@@ -31,7 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from grpo_family import config, distributed, gsm8k, loading, logprobs, rollout
-from tools import explain_page, harness, trainers
+from tools import explain_page, harness, output, trainers
 
 
 @dataclass
@@ -48,8 +49,8 @@ class Config:
     steps: int = 2  # GRPO optimizer steps on the batch before the weights are taken (ratios move), in [0, inf)
     lr: float = 1e-5  # AdamW learning rate of those steps, in (0, inf) (10x grpo.py's, so ratios move visibly)
     seed: int = 0  # prompt choice and sampling, in [0, 1e18]
-    out: str = "runs/explain/explain.html"  # the page; <out>.json beside it holds every number
-    png: str = "auto"  # the screenshot: "auto" (beside the page when Chromium is found), a path, or "none"
+    out_dir: str = "runs/explain"  # where explain.html (the page), explain.json (its numbers) and explain.png go
+    png: str = "auto"  # explain.png by headless Chromium, in {auto, always, none} (auto: when Chromium is found)
 
 
 TINY = dict(model="tiny", data_path="tiny", max_new_tokens=32, system_prompt="", lr=2e-4)
@@ -187,10 +188,11 @@ def run_trainer(name, b, tiny, on_policy, kl):
     step.replace(torch.Tensor, "backward", recorded_backward)
     try:
         harness.quiet(step.run)
-    except RuntimeError as e:  # DAPO's dynamic sampling with no group to keep: it would draw fresh prompts
+    except config.UserError as e:  # DAPO's dynamic sampling with no group to keep: it would draw fresh prompts
         if "dynamic sampling" not in str(e):
             raise
-        raise config.UserError(f"{name}: {e}; on this page's batch: try another --seed or more --prompts") from None
+        why = str(e).split(";")[0]  # what happened; the trainer's own fix names flags explain does not take
+        raise config.UserError(f"{name}: {why}; on this page's batch: try another --seed or more --prompts") from None
     return policy, step.cfg
 
 
@@ -290,18 +292,36 @@ def shown_rows(b, n):
     return (picked + [i for i in rows if i not in picked])[:n]
 
 
-def main(argv=None):
-    cfg = config.parse(Config, argv, tiny=TINY)
+def check_outputs(cfg):
+    """Before the work: the settings the page needs, a writable --out_dir, and Chromium where --png=always asks."""
     if cfg.show > cfg.group_size:
         raise config.UserError(f"--show={cfg.show} is more than one group's --group_size={cfg.group_size}: the page "
                                "shows completions of one prompt; lower --show or raise --group_size")
-    if cfg.png not in ("auto", "none") and not cfg.png.endswith(".png"):
-        raise config.UserError(f"--png={cfg.png!r}: give a path ending in .png, auto, or none")
-    if cfg.png.endswith(".png") and not explain_page.find_chromium():
-        raise config.UserError("--png needs headless Chromium, and none was found: apt-get install chromium "
+    if cfg.png == "always" and not explain_page.find_chromium():
+        raise config.UserError("--png=always needs headless Chromium, and none was found: apt-get install chromium "
                                "(or set $CHROMIUM), or use --png=auto")
-    out_dir = os.path.dirname(os.path.abspath(cfg.out))
-    os.makedirs(out_dir, exist_ok=True)
+    output.writable_dir(cfg.out_dir, f"--out_dir={cfg.out_dir}")
+
+
+def write_outputs(cfg, b, rows, results):
+    """The page and its numbers, each written whole; then the screenshot where Chromium is found (or asked for)."""
+    page, record = explain_page.render(cfg, b, rows, results)
+    html, numbers = (os.path.join(cfg.out_dir, f"explain.{ext}") for ext in ("html", "json"))
+    fix = "free disk space or pick another --out_dir"
+    output.write(html, page, fix)
+    output.write(numbers, json.dumps(record), fix)
+    print(f"wrote {html} and {numbers}: {len(trainers.TRAINERS)} trainers x {len(rows)} completions")
+    png = os.path.join(cfg.out_dir, "explain.png")
+    if cfg.png != "none" and explain_page.find_chromium():
+        explain_page.screenshot(html, png, explain_page.page_height(b, rows))  # a failing Chromium: one line
+        print(f"wrote {png} (headless Chromium)")
+    elif cfg.png == "auto":
+        print("no PNG: headless Chromium was not found (apt-get install chromium, or set $CHROMIUM)")
+
+
+def main(argv=None):
+    cfg = config.parse(Config, argv, tiny=TINY)
+    check_outputs(cfg)
     d = distributed.Dist(False, 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True)
     b = make_batch(cfg, d)
     rows = shown_rows(b, cfg.show)
@@ -309,18 +329,7 @@ def main(argv=None):
     for name in trainers.TRAINERS:
         t, c = token_weights(b, name, cfg.tiny)
         results[name] = (t, token_states(t, b.mask), c)
-    page, record = explain_page.render(cfg, b, rows, results)
-    with open(cfg.out, "w", encoding="utf-8") as f:
-        f.write(page)
-    with open(cfg.out + ".json", "w") as f:
-        json.dump(record, f)
-    print(f"wrote {cfg.out} and {cfg.out}.json: {len(trainers.TRAINERS)} trainers x {len(rows)} completions")
-    png = os.path.splitext(cfg.out)[0] + ".png" if cfg.png == "auto" else cfg.png
-    if cfg.png != "none" and explain_page.find_chromium():
-        explain_page.screenshot(cfg.out, png, explain_page.page_height(b, rows))
-        print(f"wrote {png} (headless Chromium)")
-    elif cfg.png == "auto":
-        print("no PNG: headless Chromium was not found (apt-get install chromium, or set $CHROMIUM)")
+    write_outputs(cfg, b, rows, results)
 
 
 if __name__ == "__main__":

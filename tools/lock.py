@@ -15,9 +15,9 @@ pip has a CPU wheel of it, that one); `pip install --upgrade` of requirements.tx
 bounds only (the caps lifted); then README's test command in that venv. A failing suite writes nothing and
 exits 1, naming the log. Needs the package registry and about 20 minutes on 2 cores.
 
-What it holds: read_requirements, read_lock (the two files), canonical, version_key, in_range (names and versions
-compared as pip does), disagreements, installed_disagreements (the check), write_lock, recap, refresh (the
-refresh), LockError and Parser (one-line errors, exit 2), main.
+What it holds: read_text, read_requirements, read_lock (the two files, as UTF-8), canonical, version_key, in_range
+(names and versions compared as pip does), disagreements, installed_disagreements (the check), write_lock, recap,
+refresh (the refresh), LockError and Parser (one-line errors, exit 2), main.
 """
 import argparse
 import datetime
@@ -44,10 +44,20 @@ def canonical(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def read_text(path):
+    """A file of this repository's own as UTF-8 text; one that is not is a LockError naming the file and the byte."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise LockError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): write it as "
+                        "UTF-8 (git checkout restores the committed file)") from None
+
+
 def read_requirements(path=None):
     """{name: specifier text} of requirements.txt (comments and blank lines skipped)."""
     path, out = path or REQUIREMENTS, {}
-    for n, line in enumerate(open(path), 1):
+    for n, line in enumerate(read_text(path).split("\n"), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -63,7 +73,7 @@ def read_requirements(path=None):
 def read_lock(path=None):
     """{name: (version, [packages that pulled it in; '-r requirements.txt' for a direct one])} of the lock."""
     path, out = path or LOCK, {}
-    for n, line in enumerate(open(path), 1):
+    for n, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s#]+)\s*#\s*via\s+(.+)", line.strip())
@@ -175,20 +185,20 @@ def write_lock(env, reqs, torch_note, path=None):
         version = env[n]["version"].split("+")[0]  # torch 2.13.0+cpu is locked as 2.13.0: any build of it
         reasons = (["-r requirements.txt"] if n in reqs else []) + sorted(v for v in via[n] if v in keep)
         lines.append(f"{n}=={version}  # via {', '.join(reasons)}")
-    with open(path or LOCK, "w") as f:
+    with open(path or LOCK, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def recap(reqs_path, env):
     """requirements.txt with each cap moved to the version the suite just passed with."""
-    text = open(reqs_path).read()
+    text = read_text(reqs_path)
 
     def cap(m):
         name = canonical(m.group(1))
         lower = m.group(2) + "," if m.group(2) else ""
         return m.group(0) if name not in env else f"{m.group(1)}{lower}<={env[name]['version'].split('+')[0]}"
     text = re.sub(r"(?m)^([A-Za-z0-9][A-Za-z0-9._-]*)((?:>=[^,\s#]+)?),?<=[^\s#]+", cap, text)
-    with open(reqs_path, "w") as f:
+    with open(reqs_path, "w", encoding="utf-8") as f:
         f.write(text)
 
 

@@ -11,7 +11,8 @@ on a CPU, in under a minute. Everything it prints is predicted.
     python -m tools.memory --compare=steps.jsonl         # the GPU check: predicted beside max_memory_allocated
 
 What it holds: predicted_times (each phase's time on a few GPUs, from the FLOPs and bytes), report (the breakdown as
-printed), table (README's table), compare (the GPU check's measured peaks beside the prediction), main. The step
+printed), table (README's table), compare and compared_row (the GPU check's measured peaks beside the prediction),
+options (the command line read and checked), main. The step
 itself is tools/prediction.py's Prediction; the counting, tools/tracker.py's Tracker.
 
 How. The trainer's main() runs for one step (tools/harness.py) under a FakeTensorMode (tools/tracker.py) that
@@ -106,6 +107,18 @@ def table(shape, prompt_len, names=trainers.TRAINERS, rank=16):
     return "\n".join(lines)
 
 
+def compared_row(row, where):
+    """True for a row of the GPU check's steps.jsonl to compare: one of the four memory layouts with a measured peak.
+    A row that is not as tests/test_gpu.py writes it is a UserError naming its line."""
+    ok = isinstance(row, dict) and isinstance(row.get("trainer"), str) and \
+        (row.get("peak_gib") is None or type(row.get("peak_gib")) in (int, float)) and \
+        isinstance(row.get("settings"), list) and all(isinstance(f, str) for f in row["settings"])
+    if not ok:
+        raise config.UserError(f"{where}: not a step of the GPU check (a 'trainer', a number 'peak_gib' or null, a list "
+                               "of 'settings'); give the steps.jsonl tools/gpu_check.sh writes")
+    return row["peak_gib"] is not None and row["trainer"] in ("grpo", "grpo+lora", "ppo", "dpo")
+
+
 def compare(path, shape, prompt_len):
     """The GPU check's steps (tests/test_gpu.py's JSON lines): each measured peak beside this prediction of it."""
     try:
@@ -114,8 +127,8 @@ def compare(path, shape, prompt_len):
     except (OSError, ValueError) as e:  # jsonfile.JSONError and UnicodeDecodeError are ValueErrors
         raise config.UserError(f"--compare={path}: cannot read it as JSON lines ({type(e).__name__}: {e}); give "
                                "the steps.jsonl tools/gpu_check.sh writes") from None
-    for row in rows:  # the four memory layouts (every other trainer is grpo's with another loss), within the time
-        if row.get("peak_gib") is None or row.get("trainer") not in ("grpo", "grpo+lora", "ppo", "dpo"):
+    for n, row in enumerate(rows, 1):  # the four memory layouts (every other trainer is grpo's with another loss)
+        if not compared_row(row, f"{path}:{n}"):
             continue
         name = row["trainer"].partition("+")[0]
         flags = [f for f in row["settings"] if not f.startswith(("--model=", "--run_dir="))]
@@ -127,16 +140,18 @@ def compare(path, shape, prompt_len):
           "allocated beside the step, e.g. its fp32 copy of the model)")
 
 
-def main():
-    args, flags = sys.argv[1:], []
-    if "--help" in args or "-h" in args:  # memory's own usage; a trainer's flags: python <trainer>.py --help
-        return print(__doc__.strip())
-    opts = dict(gpus="1", shape="qwen2.5-1.5b", device="cuda", prompt_len="", compare="")
-    what = [a for a in args if not a.startswith("--")]
+def options(args, opts):
+    """(what to predict, the trainer's flags) from the command line, memory's own options set in `opts`; a bad value,
+    or an option the command would ignore, is a UserError. --gpus is checked by the trainer's own rule (a batch that
+    splits over the processes) when its step is built."""
+    what, flags, given = [a for a in args if not a.startswith("--")], [], set()
     for a in args:
-        key, _, value = a[2:].partition("=")
+        key, eq, value = a[2:].partition("=")
         if a.startswith("--") and key in opts:
+            if not value:
+                raise config.UserError(f"--{key} needs a value: --{key}=... (see python -m tools.memory --help)")
             opts[key] = value
+            given.add(key)
         elif a.startswith("--"):
             flags.append(a)
     if opts["shape"] not in SHAPES:
@@ -146,6 +161,20 @@ def main():
     for key in ("gpus", "prompt_len"):
         if opts[key] and not (opts[key].isdigit() and int(opts[key]) > 0):
             raise config.UserError(f"--{key}={opts[key]} must be a whole number of at least 1")
+    ignored = {f"--{k}" for k in {"gpus", "device"} & given} | set(flags[:1]) \
+        if what[:1] == ["table"] or opts["compare"] else set()
+    if ignored:  # the table sets its own GPUs, device and flags; --compare takes each step's from its file
+        raise config.UserError(f"{'table' if what[:1] == ['table'] else '--compare'} takes neither --gpus, --device "
+                               f"nor a trainer's flags (got {', '.join(sorted(ignored))}): drop them")
+    return what, flags
+
+
+def main():
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:  # memory's own usage; a trainer's flags: python <trainer>.py --help
+        return print(__doc__.strip())
+    opts = dict(gpus="1", shape="qwen2.5-1.5b", device="cuda", prompt_len="", compare="")  # memory's own options
+    what, flags = options(args, opts)
     shape, gpus, cuda = opts["shape"], int(opts["gpus"]), opts["device"] == "cuda"
     # the longest prompt: of GSM8K's train split in Qwen2.5's tokens (README), of the tiny task in its own tokens,
     # and (--compare) of the tiny task in Qwen2.5's tokens, which the GPU check's steps train on
