@@ -120,8 +120,10 @@ def build_prompt(tok, question, system_prompt=SYSTEM_PROMPT):
 # glued to more digits by spaces or invisible characters ('1 234', '1\u200b234'), badly grouped
 # commas ('12,34'), a version-like '1.5.3', non-ASCII digits (Arabic-Indic, full-width), and one
 # rule for the rest: a punctuation, symbol or mark character between two digits that the grammar
-# does not read ('1\uff0c500', '1\u066b5', '1\u22152', '2^10', '3+4') makes the number unreadable,
-# never cut short; only letters, blanks and _SEPARATORS ('3+1=4' reads 4) part two numbers.
+# does not read ('1\uff0c500', '1\u066b5', '1\u22152', '2^10', '3+4'), blanks beside it or not
+# ('1, 500', '3 + 4'), makes the number unreadable, never cut short, and so does a minus or a leading
+# point before the number past such characters ('-\uff0c3', '.\u200b5'); only letters, blanks and
+# _SEPARATORS ('3+1=4' reads 4) part two numbers, and '#', the answer's marker, when a blank follows it.
 
 # Each pattern consumes a whole run of digits before it branches, so a failing branch never re-scans the run.
 _EXP, _GROUPS = r"(?:[eE][-+]?\d+)?", r"(?:,\d+)*"
@@ -137,6 +139,7 @@ _BLANK = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003
           "\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff")  # and invisible ones
 _SKIP = re.compile("[" + _BLANK + "]*")
 _SEPARATORS = "=<>()[]{}\u2248\u2260\u2264\u2265"  # between two digits these keep the numbers apart ('3+1=4': 4)
+_SPACE = re.compile(r"\s")
 
 
 def _glue(c):
@@ -148,23 +151,36 @@ def _glue(c):
 
 
 def _glued(chars):
-    """True if `chars` open with a run of one to four _glue characters and then a digit ('\uff0c5', '**1')."""
-    n = next((i for i, c in enumerate(chars[:5]) if not _glue(c)), len(chars[:5]))
-    return 0 < n < len(chars) and chars[n].isdigit()
+    """True if `chars` open with one to four _glue characters and then a digit ('\uff0c5', '**1'), or with glue and
+    blanks mixed, at most 8 and at least one glue, and then a digit ('\uff0c 5', ', 500', '+ 4', '/  4'): one number
+    that the grammar does not read. A '#' (the answer's marker) joins only when it touches: '7 ### 18' reads 18."""
+    n = next((i for i, c in enumerate(chars[:5]) if not _glue(c)), 5)
+    if 0 < n < min(5, len(chars)) and chars[n].isnumeric():
+        return True
+    k = next((i for i, c in enumerate(chars[:9]) if not (c in _BLANK or _glue(c) and c != "#")), min(9, len(chars)))
+    return k < len(chars) and chars[k].isnumeric() and any(_glue(c) for c in chars[:k])
 
 
 _DASHES = "\u2212\u2796\u02d7\u207b\u208b"  # minus signs outside Unicode's dash punctuation (category Pd)
 
 
-def _dash_before(text, start):
-    """True if a dash-like character stands before text[start], past blanks, invisible characters and a '$': a
-    sign the grammar does not read ('\u2013 3', '-\u00a03', '-  3'), so the number is unreadable, never unsigned.
-    More than 64 other invisible characters in a row count as such a sign too (unreadable; the walk stays short)."""
+def _dash_before(text, start, first):
+    """True if a dash-like character stands before the number at text[start] (its digits at `first`), past blanks,
+    invisible characters, marks, glue and a '$' ('\u2013 3', '-\u00a03', '-\ufe0f3', '-\uff0c3'), or a decimal point
+    past all those but a space ('.\u200b5' is not 5; 'total. 5' is): a sign or a point the grammar does not read, so
+    the number is unreadable, never unsigned or ten times too large. A '#', the answer's marker, ends the walk ('---'
+    above '#### 18' is no sign). More than 64 other invisible characters in a row count as such a sign too
+    (unreadable; the walk stays short)."""
     head = text[:start].rstrip(_BLANK + "$")
+    spaced = _SPACE.search(text, len(head), first) is not None
     for i in range(len(head) - 1, max(-1, len(head) - 66), -1):
-        if head[i] in _DASHES or unicodedata.category(head[i]) == "Pd":
+        c, kind = head[i], unicodedata.category(head[i])
+        if c in _DASHES or kind == "Pd" or c == "." and not spaced:
             return True
-        if head[i] != "$" and unicodedata.category(head[i]) not in ("Zs", "Cf", "Cc", "Mn", "Me"):  # '-\ufe0f3'
+        if c == "#":
+            return False
+        spaced = spaced or c.isspace()
+        if c != "$" and kind not in ("Zs", "Cf", "Cc", "Mn", "Me") and not _glue(c):  # '-\ufe0f3', '-\uff0c3'
             return False
     return len(head) > 65
 
@@ -243,14 +259,15 @@ def _read(m, text):
     if m.end() - m.start() > _MAX_NUMBER:
         return None  # longer than any answer (the window may have cut it): unreadable
     after = _SKIP.match(text, m.end(), m.end() + _NEAR).end()
-    joined = _glued(text[after:after + 5])
+    joined = _glued(text[after:after + 9])
     if after < len(text) and (text[after].isnumeric() or joined):
         return None  # '1 234', '1\u200b234', '1.5.3', '3/4/5', '1_000', '3\u00bd', '1\uff0c500', '2^10': more follows
-    before = text[max(0, m.start() - _NEAR):m.start()].rstrip(_BLANK)[-5:]
+    before = text[max(0, m.start() - _NEAR):m.start()].rstrip(_BLANK)[-9:]
     if before[-1:].isnumeric() or _glued(before[::-1]):
         return None  # '1 234' or '1\uff0c500' read from its second group
     latex = text[max(0, m.start() - 2):m.start()] == "}{" or text[m.end():m.end() + 2] == "}{"
-    if _dash_before(text, m.start()) or latex:
+    first = m.start("first") if m.group("first") is not None else m.start("point")
+    if _dash_before(text, m.start(), first) or latex:
         return None  # an unread minus ('\u2013 3', '-\u00a03'), or LaTeX's \frac{3}{4} read as 3 or 4
     negative = m.group("sign") is not None
     if m.group("num") is not None:  # a mixed number a b/c, with b < c

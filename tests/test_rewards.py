@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 from fractions import Fraction
 
 import pytest
@@ -94,3 +95,25 @@ def test_tiny_task_answers_are_gsm8k_format():
         assert all(gsm8k.correctness_reward(r["answer"], r["answer"]) == 1.0 for r in rows)
     train_q = {r["question"] for r in tiny.dataset("train")}
     assert not train_q & {r["question"] for r in tiny.dataset("test")}
+
+
+@pytest.mark.parametrize("completion,value", [
+    ("#### 1\uff0c 500", 1500), ("#### 1, 500", 1500), ("#### 1\u200d,500", 1500), ("#### 3/  4", Fraction(3, 4)),
+    ("#### 3 \uff0c1/2", Fraction(7, 2)), ("#### 1\u00bd/2", Fraction(3, 4)), ("#### 3 + 4", 7),
+    ("#### $1,500.\u200d25", Fraction(6001, 4)),                       # glue and blanks inside: never a cut piece
+    ("#### -\uff0c12", -12), ("#### \u2013*12", -12), ("#### -\n,1500", -1500),  # a minus past glue: never +
+    ("#### .\u200d5", Fraction(1, 2))])                                  # a point past a mark: never 5
+def test_a_number_with_glue_and_blanks_inside_is_never_read_in_part(completion, value):
+    """Found by tests/test_fuzz.py: each of these read as a cut piece or with its sign dropped ('1' or '500' of
+    '1, 500', 12 of '-\uff0c12', 5 of '.\u200d5'); the intended number or none, and no reward for a piece."""
+    assert gsm8k.extract_answer(completion) in (None, value) and gsm8k.extract_last_number(completion) in (None, value)
+    for piece in {int(p) for p in re.findall(r"[0-9]+", completion)} - {value}:
+        assert gsm8k.correctness_reward(completion, f"#### {piece}") == 0.0
+        assert gsm8k.lenient_correct(completion, str(piece)) == 0.0
+
+
+@pytest.mark.parametrize("completion,strict,lenient", [
+    ("x = 7 #### 18", 18, 18), ("---\n#### 18", 18, 18), ("#### **18**", 18, 18), ("4+9=13\n### 13", None, 13),
+    ("It has 120 members. 40% are adults", None, 40), ("#### 18.\nThen 5 more", 18, 5), ("Total. 5", None, 5)])
+def test_markers_sentences_and_markdown_still_part_numbers(completion, strict, lenient):
+    assert gsm8k.extract_answer(completion) == strict and gsm8k.extract_last_number(completion) == lenient
