@@ -54,7 +54,7 @@ class Config:
     top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
     fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
     system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
-    rollout_correction: str = "none"  # weight by ρ = π_old/μ, in {none, token_tis, seq_tis, token_mask, seq_mask}
+    rollout_correction: str = "none"  # ρ = π_old/μ weights, in {none, token_tis, seq_tis, token_mask, seq_mask, seq_geo_mask}
     rc_min: float = 0.5  # the masks' lower bound on ρ (IcePop: 0.5), in [0, inf)
     rc_max: float = 2.0  # C: the TIS cap on ρ and the masks' upper bound (verl: 2, TRL: 3, IcePop: 5), in (0, inf)
     format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf)

@@ -179,9 +179,12 @@ def metrics(sums, r, rewards, group_size):
 
 def correction_weights(log_ratio, mask, mode, rc_min, rc_max):
     """Detached (B, T) weights from log ρ_t = log π_old - log μ (B, T). token_tis: min(ρ_t, C); seq_tis: min(Π_t ρ_t,
-    C) on every token; token_mask: ρ_t if C_min <= ρ_t <= C_max else 0 (IcePop); seq_mask: the same test on Π_t ρ_t."""
+    C) on every token; token_mask: ρ_t if C_min <= ρ_t <= C_max else 0 (IcePop); seq_mask: the same test on Π_t ρ_t;
+    seq_geo_mask: the same test on the geometric mean g = exp(mean_t log ρ_t), g on every token (AReaL's)."""
     log_ratio = log_ratio.detach() * mask
-    if mode.startswith("seq"):
+    if mode == "seq_geo_mask":  # length-normalised: a long completion is not dropped for being long
+        log_ratio = (log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)).expand_as(log_ratio)
+    elif mode.startswith("seq"):
         log_ratio = log_ratio.sum(1, keepdim=True).expand_as(log_ratio)  # Π_t ρ_t: no length normalisation
     rho = torch.exp(log_ratio)
     if mode.endswith("tis"):

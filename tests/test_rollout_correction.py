@@ -51,7 +51,9 @@ SPEC = [("none", 0, 1, -0.101193, NONE),
         ("token_tis", 0, 2.0, 0.0178364, [TRUNC3[0], TRUNC3[1], [-0.170026, 0], TRUNC3[3]]),  # verl token TIS
         ("seq_tis", 0, 2.0, 0.21485, None),  # verl sequence TIS
         ("token_mask", 0.5, 5.0, 0.17717,  # IcePop: TRL token_mask = verl "0.5_5.0" = OpenRLHF icepop
-         [TRUNC3[0], TRUNC3[1], [-0.311938, 0], [0.0384615, 0, 0.0425066, 0.046977]])]
+         [TRUNC3[0], TRUNC3[1], [-0.311938, 0], [0.0384615, 0, 0.0425066, 0.046977]]),
+        ("seq_geo_mask", 0.9, 1.5, -0.077513,  # section 12.4: AReaL's geometric-mean rejection, o3 and o4 dropped
+         [[0, 0.0609146, 0], [0, -0.046977, 0, -0.046977], [0, 0], [0, 0, 0, 0]])]
 
 
 @pytest.mark.parametrize("mode,rc_min,rc_max,loss,dj", SPEC, ids=[f"{s[0]}-{s[2]}" for s in SPEC])
@@ -78,16 +80,31 @@ def test_seq_mask_weights_are_trl_s():
     assert w[2, 0].item() == pytest.approx(3.6693, abs=1e-4) and w[3, 1].item() == 0  # ρ = 0.449 < 0.5
 
 
+def test_seq_geo_mask_tests_the_geometric_mean_and_weighs_by_it():
+    _, _, w, (_, _, mask, _) = corrected("seq_geo_mask", 0.0, 10.0)
+    assert w[:, 0].tolist() == pytest.approx([0.967216, 1.10517, 1.96403, 0.839457], abs=5e-6)  # section 12.4's g
+    assert torch.equal(w * mask, w[:, :1] * mask)  # one weight for every token of a completion
+    # ρ_t = 1.05 on every token: the product drops the 100-token completion (1.05^100 = 131 > 2), the mean keeps it
+    log_ratio, mask = torch.full((2, 100), math.log(1.05)), torch.ones(2, 100)
+    mask[0, 3:] = 0
+    prod = rollout.correction_weights(log_ratio, mask, "seq_mask", 0.5, 2.0)
+    geo = rollout.correction_weights(log_ratio, mask, "seq_geo_mask", 0.5, 2.0)
+    assert prod[0, 0].item() == pytest.approx(1.05 ** 3) and prod[1, 0].item() == 0
+    assert geo[:, 0].tolist() == pytest.approx([1.05, 1.05])
+
+
 def test_extreme_ratios_give_finite_weights():
     log_ratio = torch.tensor([[800.0, 1.0], [-800.0, 0.0], [0.3, 900.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])  # the 900 is padding: it must not count
-    for mode in ("token_tis", "seq_tis", "token_mask", "seq_mask"):
+    for mode in ("token_tis", "seq_tis", "token_mask", "seq_mask", "seq_geo_mask"):
         w = rollout.correction_weights(log_ratio, mask, mode, 0.5, 2.0)
         assert torch.isfinite(w).all(), mode
     assert rollout.correction_weights(log_ratio, mask, "seq_tis", 0.5, 2.0)[:, 0].tolist() == \
         pytest.approx([2.0, 0.0, math.exp(0.3)])
     assert rollout.correction_weights(log_ratio, mask, "seq_mask", 0.5, 2.0)[:, 0].tolist() == \
         pytest.approx([0.0, 0.0, math.exp(0.3)])
+    assert rollout.correction_weights(log_ratio, mask, "seq_geo_mask", 0.5, 2.0)[:, 0].tolist() == \
+        pytest.approx([0.0, 0.0, math.exp(0.3)])  # means exp(400.5) and exp(-400): out of the band
 
 
 def test_reweight_keeps_the_value_and_scales_every_term_of_grpo():
