@@ -59,7 +59,7 @@ class Config:
     top_p: float = 1.0  # nucleus sampling, in (0, 1] (1.0 = off, so π_old is exactly the sampling distribution)
     fast_rollout: bool = torch.cuda.is_available()  # static-KV-cache decoder (+ CUDA graphs), generate()'s sampling
     system_prompt: str = gsm8k.SYSTEM_PROMPT  # system message of the chat prompt ("" = none)
-    rollout_correction: str = "none"  # ρ = π_old/μ weights, in {none, token_tis, seq_tis, token_mask, seq_mask, seq_geo_mask}
+    rollout_correction: str = "none"  # ρ = π_old/μ, in {none, token_tis, seq_tis, token_mask, seq_mask, seq_geo_mask}
     rc_min: float = 0.5  # the masks' lower bound on ρ (IcePop: 0.5), in [0, inf)
     rc_max: float = 2.0  # C: the TIS cap on ρ and the masks' upper bound (verl: 2, TRL: 3, IcePop: 5), in (0, inf)
     format_weight: float = 0.1  # reward = correctness (0/1) + format_weight * format (0/1), in [0, inf)
@@ -75,6 +75,7 @@ class Config:
     lora_rank: int = 0  # LoRA adapters of this rank instead of full fine-tuning, in [0, inf) (0 = off; needs peft)
     fsdp: bool = False  # shard weights, gradients and AdamW state over torchrun's processes (FSDP2), not DDP
     # algorithm
+    entropy_coef: float = 0.0  # c: the loss minus c x the mean token entropy (with its gradient), in [0, inf) (0 = off)
     clip_eps: float = 0.2  # ε: PPO clip range for the token ratio, in (0, 1)
     beta: float = 0.04  # [PPO] β: k1 KL penalty in the per-token reward, in [0, inf) (0 = no KL, no reference model)
     gamma: float = 1.0  # [PPO] γ: GAE discount over completion tokens, in [0, 1] (TRL's default: none)
@@ -290,11 +291,12 @@ def main():
                 # DDP: only the last micro-batch all-reduces gradients across ranks
                 with distributed.micro_batch(policy, d, last=k == len(micro) - 1), \
                         distributed.micro_batch(critic, d, last=k == len(micro) - 1):  # [PPO] and the critic's backward
-                    logp, _ = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
+                    logp, ent = policy(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix],
                                      cfg.temperature)
                     logp = rollout.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], advantages[ix], mask[ix],
                                               cfg.clip_eps)  # [PPO] no ref_logp, no beta
+                    loss = logprobs.entropy_bonus(loss, ent, mask[ix], cfg.entropy_coef)  # --entropy_coef
                     (loss * len(ix) / len(mb)).backward()
                     v = critic(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix])  # [PPO] (b, T)
                     v_loss, v_stats = value_loss(v.float(), values[ix], returns[ix], mask[ix], cfg.clip_eps_value)

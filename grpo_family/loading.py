@@ -124,11 +124,17 @@ def policy(path, ckpt, cfg, d):
     """The policy to train: the model at ckpt (or path) in fp32 master weights; with --lora_rank, the base at
     path frozen (bf16 on GPU) plus fp32 adapters (lora.py), restored from ckpt when resuming."""
     if not cfg.lora_rank:
-        return Policy(model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing)
+        return Policy(model(ckpt or path, d.device), cfg.logprob_chunk, cfg.gradient_checkpointing, _entropy_grad(cfg))
     if importlib.util.find_spec("peft") is None:
         raise UserError("--lora_rank needs peft, an optional dependency: pip install peft")
     base = model(path, d.device, _frozen_dtype(d))
-    return Policy(lora.add(base, cfg.lora_rank, ckpt), cfg.logprob_chunk, cfg.gradient_checkpointing)
+    return Policy(lora.add(base, cfg.lora_rank, ckpt), cfg.logprob_chunk, cfg.gradient_checkpointing,
+                  _entropy_grad(cfg))
+
+
+def _entropy_grad(cfg):
+    """True where the loss takes the entropy's gradient (--entropy_coef > 0; DPO has no such flag)."""
+    return getattr(cfg, "entropy_coef", 0) > 0
 
 
 def reference(policy, path, cfg, d):

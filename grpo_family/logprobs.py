@@ -5,6 +5,7 @@ logprobs.py: per-token log-probs and entropies of completion tokens, memory-lean
                     DDP wraps, so the loss goes through the wrapped forward
     token_logprobs  log p(target) and entropy of one chunk of hidden states, fp32 softmax over the vocabulary
     batched         a rollout's log-probs and entropies under a model, without grad, in micro-batches: π_old, π_ref
+    entropy_bonus   --entropy_coef: the loss minus c times the completions' mean token entropy (with its gradient)
 """
 import torch
 import torch.nn as nn
@@ -12,11 +13,14 @@ import torch.nn as nn
 from grpo_family import distributed, fsdp
 
 
-def token_logprobs(lm_head, h, targets, temperature):
-    """log p(target) and entropy from hidden states h (B, t, D), fp32 softmax over the vocab."""
+def token_logprobs(lm_head, h, targets, temperature, entropy_grad=False):
+    """log p(target) and entropy from hidden states h (B, t, D), fp32 softmax over the vocab; the entropy is detached
+    unless entropy_grad (--entropy_coef > 0: its gradient then costs one more (B, t, V) block per chunk)."""
     logits = lm_head(h).float() / temperature                     # (B, t, V), one chunk only
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    if entropy_grad:  # H = log Z - Σ_v p_v z_v, of the temperature-scaled logits (verl, TRL, SkyRL, slime)
+        return logp, logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     with torch.no_grad():
         p = torch.softmax(logits.detach(), dim=-1)
         entropy = logz.detach() - (p * logits.detach()).sum(-1)
@@ -27,9 +31,9 @@ class Policy(nn.Module):
     """The causal LM plus a forward that returns per-token log-probs of completion tokens (the module DDP wraps,
     so the loss goes through the DDP forward)."""
 
-    def __init__(self, lm, chunk_size=128, gradient_checkpointing=False):
+    def __init__(self, lm, chunk_size=128, gradient_checkpointing=False, entropy_grad=False):
         super().__init__()
-        self.lm, self.chunk_size = lm, chunk_size
+        self.lm, self.chunk_size, self.entropy_grad = lm, chunk_size, entropy_grad
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             lm.config.use_cache = False
@@ -52,7 +56,7 @@ class Policy(nn.Module):
             hc, tc = h[:, s:s + self.chunk_size], completion_ids[:, s:s + self.chunk_size]
             if torch.is_grad_enabled():
                 lp, ent = torch.utils.checkpoint.checkpoint(token_logprobs, lm_head, hc, tc, temperature,
-                                                            use_reentrant=False)
+                                                            self.entropy_grad, use_reentrant=False)
             else:
                 lp, ent = token_logprobs(lm_head, hc, tc, temperature)
             logps.append(lp)
@@ -75,3 +79,16 @@ def batched(policy, r, micro_batch_size, temperature):
         ents.append(ent.float())
     policy.train(was_training)
     return torch.cat(logps), torch.cat(ents)
+
+
+def entropy_bonus(loss, entropy, mask, coef, num_tokens=None):
+    """--entropy_coef: loss - c·H̄, the completions' mean token entropy H̄ with its gradient (ALGORITHMS.md §12.3 (b)).
+    H̄ is over this micro-batch's tokens for a loss that is a micro-batch mean (the trainer then weighs micro-batches
+    as it weighs its loss), or Σ_t H_t / num_tokens for a loss that is a sum over tokens divided by the mini-batch's
+    token count on every rank (DAPO's): a token mean either way, as verl, TRL, OpenRLHF and SkyRL take it. c = 0:
+    the loss itself, untouched."""
+    if coef == 0:
+        return loss
+    mask = mask.float()
+    per = (entropy.float() * mask).sum() / (num_tokens if num_tokens is not None else mask.sum().clamp_min(1))
+    return loss - coef * per
