@@ -24,7 +24,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from grpo_family import distributed, fsdp, jsonfile, logs, lora
-from grpo_family.config import UserError, run_name
+from grpo_family.config import UserError, run_name, same_on_every_rank
 
 
 # what a failed write raises: the OS's error, torch.save's writer (RuntimeError: "unexpected pos ...", "file write
@@ -96,7 +96,42 @@ def start_run(cfg, d):
     A fresh run refuses a run_dir holding another run's checkpoints (resume it, pick another dir, or --overwrite
     them); --resume refuses other settings than the saved ones, listing them. run_dir/run_id tags checkpoints.
     """
-    ckpt, run_id = "", None
+    ckpt, run_id, saved_step, theirs = _check_start(cfg)
+    id_file = os.path.join(cfg.run_dir, "run_id")
+    for x in theirs + ["metrics.jsonl", "latest.tmp"] if theirs and d.master_process else []:  # --overwrite
+        path = os.path.join(cfg.run_dir, x)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    if run_id is None:  # a fresh run: a new id, the same on every rank
+        run_id = distributed.all_gather_objects(os.urandom(8).hex(), d)[0]
+    if d.master_process:
+        try:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(id_file, "w") as f:
+                f.write(run_id)
+        except OSError as e:
+            raise UserError(f"cannot write the run dir: {e.filename or cfg.run_dir}: {e.strerror or e}; pick "
+                            "a writable --run_dir") from None
+        log = os.path.join(cfg.run_dir, "metrics.jsonl")
+        if ckpt and os.path.isfile(log):  # steps logged after the saved one run again: keep the first telling only
+            with open(log, encoding="utf-8", errors="replace") as f:
+                rows = [x for n, x in enumerate(f, 1) if x.strip() and _step(x, f"{log}:{n}") <= saved_step]
+            with open(log, "w") as f:
+                f.writelines(rows)
+        if os.path.exists(os.path.join(cfg.run_dir, "latest.tmp")):
+            os.remove(os.path.join(cfg.run_dir, "latest.tmp"))
+    if d.ddp:
+        dist.barrier()
+    return ckpt
+
+
+@same_on_every_rank  # every process reads the same flags and files: one line says a mistake
+def _check_start(cfg):
+    """start_run's checks, which write nothing: (checkpoint to resume or "", its run id or None, its step, another
+    run's files in run_dir that --overwrite deletes)."""
+    ckpt, run_id, saved_step = "", None, 0
     if cfg.resume:
         ckpt = find(cfg.resume)
         saved = read_run_config(ckpt)
@@ -116,7 +151,7 @@ def start_run(cfg, d):
         if saved["step"] >= cfg.num_steps:
             raise UserError(f"{ckpt} is at step {saved['step']} and --num_steps={cfg.num_steps}: nothing to do; "
                             "raise --num_steps to train further")
-        run_id = saved["run_id"]
+        run_id, saved_step = saved["run_id"], saved["step"]
         if not cfg.run_dir:  # no --run_dir: the run goes on where it was saved, never into the default dir
             cfg.run_dir = os.path.dirname(os.path.abspath(ckpt))
     _check_run_dir(cfg.run_dir)
@@ -125,33 +160,8 @@ def start_run(cfg, d):
         if not cfg.overwrite:
             raise UserError(f"run_dir {cfg.run_dir} already holds another run ({', '.join(theirs[:4])}): resume it "
                             f"with --resume={cfg.run_dir}, pick another --run_dir, or pass --overwrite to delete it")
-        for x in theirs + ["metrics.jsonl", "latest.tmp"] if d.master_process else []:
-            path = os.path.join(cfg.run_dir, x)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    if run_id is None:  # a fresh run: a new id, the same on every rank
-        run_id = distributed.all_gather_objects(os.urandom(8).hex(), d)[0]
-    if d.master_process:
-        try:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            with open(id_file, "w") as f:
-                f.write(run_id)
-        except OSError as e:
-            raise UserError(f"cannot write the run dir: {e.filename or cfg.run_dir}: {e.strerror or e}; pick "
-                            "a writable --run_dir") from None
-        log = os.path.join(cfg.run_dir, "metrics.jsonl")
-        if ckpt and os.path.isfile(log):  # steps logged after the saved one run again: keep the first telling only
-            with open(log, encoding="utf-8", errors="replace") as f:
-                rows = [x for n, x in enumerate(f, 1) if x.strip() and _step(x, f"{log}:{n}") <= saved["step"]]
-            with open(log, "w") as f:
-                f.writelines(rows)
-        if os.path.exists(os.path.join(cfg.run_dir, "latest.tmp")):
-            os.remove(os.path.join(cfg.run_dir, "latest.tmp"))
-    if d.ddp:
-        dist.barrier()
-    return ckpt
+        return ckpt, run_id, saved_step, theirs
+    return ckpt, run_id, saved_step, []
 
 
 def _all_wrote(err, d, step, where):

@@ -4,12 +4,15 @@ config.py: the command line of every script. A typed dataclass of settings at th
 
     UserError       a mistake the user can fix: one line on stderr, exit status 2, no traceback
     run             run a script's main(): UserError -> exit 2; a failed collective -> one line naming the rank
+    same_on_every_rank  marks the UserErrors of a setup step every process of a machine meets alike (flags, data,
+                    model, run dir), so that run() lets the machine's first process alone say it under torchrun
     parse           defaults, then --tiny's overrides, then the flags; every value checked against its range and
                     against what the code can carry (int64; finite floats of magnitude <= 1e30)
     help_text       the --help text: every field with its type, default, --tiny value and comment
     run_name        the name of the file that defines a Config: "grpo" for grpo.Config
 """
 import dataclasses
+import functools
 import inspect
 import os
 import re
@@ -29,8 +32,8 @@ def run(main):
     try:
         main()
     except (UserError, gsm8k.DataError) as e:
-        if not (getattr(e, "every_rank", False) and int(os.environ.get("RANK", 0))):  # torchrun: said once, by rank 0
-            print(f"{script}: error: {e}", file=sys.stderr, flush=True)
+        if not (getattr(e, "every_rank", False) and int(os.environ.get("LOCAL_RANK", 0))):  # torchrun: said once
+            print(f"{script}: error: {e}", file=sys.stderr, flush=True)  # per machine, by its local rank 0
         distributed.leave(2)
     except RuntimeError as e:
         why = distributed.collective_failure(e)
@@ -40,6 +43,20 @@ def run(main):
         distributed.leave(1)
     if distributed.joined():  # a process group's member leaves through os._exit (distributed.leave says why)
         distributed.leave(0)
+
+
+def same_on_every_rank(fn):
+    """fn, with the UserError (and DataError) it raises marked every_rank: a setup step whose inputs are the same on
+    every process of a machine (the flags, the files it reads), so each meets the same mistake and one line says it
+    (local rank 0's; a file missing on one machine only is still said by that machine)."""
+    @functools.wraps(fn)
+    def marked(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, gsm8k.DataError) as e:
+            e.every_rank = True
+            raise
+    return marked
 
 
 def _field_docs(cls):
@@ -110,15 +127,11 @@ def help_text(cls, tiny=None):
     return "\n".join(lines)
 
 
+@same_on_every_rank  # every process of a torchrun launch parses the same flags
 def parse(cls, argv=None, tiny=None):
     """Build cls from defaults, then the `tiny` overrides if --tiny is given, then --key=value flags; every
-    value is checked against the range its field's comment declares. Raises UserError, marked every_rank: every
-    process of a torchrun launch parses the same flags, so run() lets rank 0 alone say it."""
-    try:
-        return _parse(cls, argv, tiny)
-    except UserError as e:
-        e.every_rank = True
-        raise
+    value is checked against the range its field's comment declares. Raises UserError."""
+    return _parse(cls, argv, tiny)
 
 
 def _parse(cls, argv, tiny):

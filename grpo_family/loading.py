@@ -16,13 +16,14 @@ import os
 import torch
 
 from grpo_family import checkpoint, distributed, fsdp, gsm8k, jsonfile, lora, tiny
-from grpo_family.config import UserError
+from grpo_family.config import UserError, same_on_every_rank
 from grpo_family.logprobs import Policy
 
 # -----------------------------------------------------------------------------
 # models and tokenizers
 
 
+@same_on_every_rank
 def model_path(name, d):
     """'tiny' (the embedded tiny model, built once), a hub name, a local model dir, or a run dir (its latest)."""
     if name == "tiny":
@@ -65,6 +66,7 @@ def _load_error(what, path, e):
                      "network, or pass --model=<a local model dir> (and --data_path=<a local GSM8K dir>), or run --tiny")
 
 
+@same_on_every_rank
 def tokenizer(path):
     """Tokenizer from a hub name or local dir, left-padding for batched generation."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -100,6 +102,7 @@ def _dtype_kwarg(dtype):
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+@same_on_every_rank
 def model(path, device, dtype=torch.float32):
     """Causal LM from a hub name or local dir, in `dtype` (fp32 master weights: bf16 would round lr=1e-6
     updates away), on `device`, in eval mode."""
@@ -120,6 +123,7 @@ def _frozen_dtype(d):
     return torch.bfloat16 if distributed.cuda_numerics(d.device) else torch.float32
 
 
+@same_on_every_rank
 def policy(path, ckpt, cfg, d):
     """The policy to train: the model at ckpt (or path) in fp32 master weights; with --lora_rank, the base at
     path frozen (bf16 on GPU) plus fp32 adapters (lora.py), restored from ckpt when resuming."""
@@ -152,6 +156,7 @@ def reference(policy, path, cfg, d):
 # the problems, and which of them a step takes
 
 
+@same_on_every_rank
 def problems(cfg, split):
     """The problems a run trains on ("train") or holds out ("test"): "tiny", local jsonl, or the hub."""
     if split == "test" and getattr(cfg, "test_path", ""):

@@ -270,14 +270,24 @@ def test_dapo_with_every_group_filtered_stops_both_ranks_with_one_error(tiny_dir
     assert "--max_sampling_rounds" in errors[0]
 
 
-def test_a_bad_flag_under_torchrun_is_one_line_from_rank_0_then_torchrun_s_report():
-    """What a user sees when a launch has a mistake: the script's line once (every rank parses the same flags, so rank
-    0 alone says it), first; then torchrun's own report of a child that exited 2, which it always prints."""
-    p = subprocess.run([*torchrun(2, "grpo.py"), "--tiny", "--group_size=1"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+@pytest.mark.parametrize("flags,words", [
+    (["--group_size=1"], "--group_size=1 is out of range"),                                    # a flag
+    (["--data_path=/nonexistent/gsm8k"], "GSM8K train file /nonexistent/gsm8k does not exist"),  # the data
+    (["--model=/nonexistent/model"], "model or checkpoint directory /nonexistent/model does not exist"),  # the model
+    (["--run_dir=RUN_DIR"], "already holds another run")], ids=["flag", "data", "model", "run-dir"])  # the run dir
+def test_a_mistake_under_torchrun_is_one_line_from_rank_0_then_torchrun_s_report(flags, words, tmp_path):
+    """What a user sees when a launch has a mistake: the script's line once (every rank meets the same mistake in the
+    same flags and files, so the machine's rank 0 alone says it), first; then torchrun's own report of a child that
+    exited 2, which it always prints."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt-000001").mkdir()  # another run's checkpoint
+    (tmp_path / "run" / "run_id").write_text("another\n")
+    flags = [f.replace("RUN_DIR", str(tmp_path / "run")) for f in flags]
+    p = subprocess.run([*torchrun(2, "grpo.py"), "--tiny", *flags], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     lines = p.stderr.strip().splitlines()
     ours = [l for l in lines if l.startswith("grpo.py: error: ")]
-    assert p.returncode != 0 and len(ours) == 1 and "--group_size=1" in ours[0], p.stderr[-3000:]
+    assert p.returncode != 0 and len(ours) == 1 and words in ours[0], p.stderr[-3000:]
     before = lines[:lines.index(ours[0])]  # at most torchrun's OMP_NUM_THREADS banner (when the variable is unset)
     assert not any("Traceback" in l or "failed" in l or "error" in l.lower() for l in before), p.stderr[-3000:]
     assert "exitcode  : 2" in p.stderr, p.stderr[-3000:]  # ours first; torchrun's summary
