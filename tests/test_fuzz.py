@@ -41,7 +41,7 @@ from grpo_family import config, gsm8k, tiny
 from helpers import ROOT
 from tools import trainers
 
-FAST, FULL = dict(parse=300, run=40, cli=2, answer=400), dict(parse=1000, run=250, cli=6, answer=5000)
+FAST, FULL = dict(parse=300, run=40, cli=2, answer=400), dict(parse=600, run=120, cli=4, answer=3000)
 PROFILES = [pytest.param(FAST, id="fast"), pytest.param(FULL, id="full", marks=pytest.mark.slow)]
 TIME_BOUND = 30  # seconds a small run may take (about 1 s in process); a hostile value must not make one endless
 INT64 = 2**63 - 1
