@@ -284,8 +284,7 @@ def main():
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
                                               advantages[ix], mask[ix], cfg.clip_eps_low, cfg.clip_eps_high,
                                               cfg.beta, num_tokens)  # [DAPO]
-                    loss = logprobs.entropy_bonus(loss, ent, mask[ix], cfg.entropy_coef, num_tokens)  # [DAPO] as its loss
-                    (loss * d.world_size).backward()  # [DAPO] DDP averages over ranks; the loss is a sum over them
+                    (logprobs.entropy_bonus(loss, ent, mask[ix], cfg, num_tokens) * d.world_size).backward()  # [DAPO] sum over ranks
                 for key, (s, n) in stats.items():
                     logs.accumulate(sums, key, s, n)
                 logs.accumulate(sums, "loss", loss.item() * num_tokens.item(), mask[ix].sum())  # [DAPO] per token

@@ -221,8 +221,7 @@ def main():
                     delta = cfg.delta_tv if cfg.divergence == "tv" else cfg.delta_kl  # [DPPO]
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
                                               advantages[ix], mask[ix], cfg.divergence, delta, cfg.beta, num_tokens)
-                    loss = logprobs.entropy_bonus(loss, ent, mask[ix], cfg.entropy_coef, num_tokens)  # [DPPO] as its loss
-                    (loss * d.world_size).backward()  # [DPPO] DDP averages over ranks; the loss is a sum over them
+                    (logprobs.entropy_bonus(loss, ent, mask[ix], cfg, num_tokens) * d.world_size).backward()  # [DPPO] sum over ranks
                 for key, (s, n) in stats.items():
                     logs.accumulate(sums, key, s, n)
                 logs.accumulate(sums, "loss", loss.item() * num_tokens.item(), mask[ix].sum())  # [DPPO] per token

@@ -257,8 +257,7 @@ def main():
                     logp = rollout.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
                                               advantages[ix], mask[ix], cfg.clip_eps, cfg.beta, num_tokens)
-                    loss = logprobs.entropy_bonus(loss, ent, mask[ix], cfg.entropy_coef, num_tokens)  # [GFPO] as its loss
-                    (loss * d.world_size).backward()  # [GFPO] DDP averages over ranks; the loss is a sum over them
+                    (logprobs.entropy_bonus(loss, ent, mask[ix], cfg, num_tokens) * d.world_size).backward()  # [GFPO] sum over ranks
                 for key, (s, n) in stats.items():
                     logs.accumulate(sums, key, s, n)
                 logs.accumulate(sums, "loss", loss.item(), len(ix) / len(mb) / d.world_size)  # [GFPO]

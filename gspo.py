@@ -221,8 +221,7 @@ def main():
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
                                               advantages[ix], mask[ix], cfg.clip_eps_low, cfg.clip_eps_high,
                                               cfg.beta, cfg.gspo_token)  # [GSPO]
-                    loss = logprobs.entropy_bonus(loss, ent, mask[ix], cfg.entropy_coef)  # --entropy_coef
-                    (loss * len(ix) / len(mb)).backward()
+                    (logprobs.entropy_bonus(loss, ent, mask[ix], cfg) * len(ix) / len(mb)).backward()  # loss - c·H̄
                 for key, (s, n) in stats.items():
                     logs.accumulate(sums, key, s, n)
                 logs.accumulate(sums, "loss", loss.item() * len(ix), len(ix))

@@ -296,8 +296,7 @@ def main():
                     logp = rollout.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], advantages[ix], mask[ix],
                                               cfg.clip_eps)  # [PPO] no ref_logp, no beta
-                    loss = logprobs.entropy_bonus(loss, ent, mask[ix], cfg.entropy_coef)  # --entropy_coef
-                    (loss * len(ix) / len(mb)).backward()
+                    (logprobs.entropy_bonus(loss, ent, mask[ix], cfg) * len(ix) / len(mb)).backward()  # loss - c·H̄
                     v = critic(r.prompt_ids[ix], r.prompt_mask[ix], r.completion_ids[ix], mask[ix])  # [PPO] (b, T)
                     v_loss, v_stats = value_loss(v.float(), values[ix], returns[ix], mask[ix], cfg.clip_eps_value)
                     (cfg.vf_coef * v_loss * len(ix) / len(mb)).backward()

@@ -213,8 +213,7 @@ def main():
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
                                               advantages[ix], mask[ix], cfg.clip_eps,
                                               cfg.beta if cfg.baseline else 0.0, num_tokens)  # [R++] k2 if baseline
-                    loss = logprobs.entropy_bonus(loss, ent, mask[ix], cfg.entropy_coef, num_tokens)  # [R++] as its loss
-                    (loss * d.world_size).backward()  # [R++] DDP averages over ranks; the loss is a sum over them
+                    (logprobs.entropy_bonus(loss, ent, mask[ix], cfg, num_tokens) * d.world_size).backward()  # [R++] sum over ranks
                 for key, (s, n) in stats.items():
                     logs.accumulate(sums, key, s, n)
                 logs.accumulate(sums, "loss", loss.item() * num_tokens.item(), mask[ix].sum())  # [R++] per token

@@ -225,8 +225,7 @@ def main():
                     logp = rollout.reweight(logp, is_w, ix)  # --rollout_correction: token t's gradient x w_t
                     loss, stats = policy_loss(logp.float(), old_logp[ix], ref_logp[ix] if ref else None,
                                               advantages[ix], mask[ix], cfg.tau_pos, cfg.tau_neg, cfg.beta)  # [SAPO]
-                    loss = logprobs.entropy_bonus(loss, ent, mask[ix], cfg.entropy_coef)  # --entropy_coef
-                    (loss * len(ix) / len(mb)).backward()
+                    (logprobs.entropy_bonus(loss, ent, mask[ix], cfg) * len(ix) / len(mb)).backward()  # loss - c·H̄
                 for key, (s, n) in stats.items():
                     logs.accumulate(sums, key, s, n)
                 logs.accumulate(sums, "loss", loss.item() * len(ix), len(ix))

@@ -81,14 +81,14 @@ def batched(policy, r, micro_batch_size, temperature):
     return torch.cat(logps), torch.cat(ents)
 
 
-def entropy_bonus(loss, entropy, mask, coef, num_tokens=None):
-    """--entropy_coef: loss - c·H̄, the completions' mean token entropy H̄ with its gradient (ALGORITHMS.md §12.3 (b)).
-    H̄ is over this micro-batch's tokens for a loss that is a micro-batch mean (the trainer then weighs micro-batches
-    as it weighs its loss), or Σ_t H_t / num_tokens for a loss that is a sum over tokens divided by the mini-batch's
-    token count on every rank (DAPO's): a token mean either way, as verl, TRL, OpenRLHF and SkyRL take it. c = 0:
-    the loss itself, untouched."""
-    if coef == 0:
+def entropy_bonus(loss, entropy, mask, cfg, num_tokens=None):
+    """--entropy_coef: loss - c·H̄, the completions' mean token entropy H̄ with its gradient (ALGORITHMS.md §12.3 (b)),
+    taken where the loss goes into backward, so the loss logged stays the policy's. H̄ is over this micro-batch's
+    tokens for a loss that is a micro-batch mean (the trainer then weighs micro-batches as it weighs its loss), or
+    Σ_t H_t / num_tokens for a loss that is a sum over tokens divided by the mini-batch's token count on every rank
+    (DAPO's): a token mean either way, as verl, TRL, OpenRLHF and SkyRL take it. c = 0: the loss itself, untouched."""
+    if cfg.entropy_coef == 0:
         return loss
     mask = mask.float()
     per = (entropy.float() * mask).sum() / (num_tokens if num_tokens is not None else mask.sum().clamp_min(1))
-    return loss - coef * per
+    return loss - cfg.entropy_coef * per

@@ -12,14 +12,13 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name: (marker, diff budget against grpo.py); --entropy_coef added 2 lines to dpo's (it has no such flag) and to
-# the six whose loss is a token sum over a global count (the bonus takes that count)
+# name: (marker, diff budget against grpo.py); dpo's grew by 1 with --entropy_coef, a flag it does not have
 _FAMILY = {
     "grpo": (None, 0),
-    "dapo": ("[DAPO]", 167), "gspo": ("[GSPO]", 65), "sapo": ("[SAPO]", 69), "gfpo": ("[GFPO]", 119),
-    "gtpo": ("[GTPO]", 141), "ppo": ("[PPO]", 206), "dpo": ("[DPO]", 145), "drgrpo": ("[DRGRPO]", 49),
-    "cispo": ("[CISPO]", 67), "rloo": ("[RLOO]", 101), "maxrl": ("[MAXRL]", 80), "gmpo": ("[GMPO]", 63),
-    "gdpo": ("[GDPO]", 75), "dppo": ("[DPPO]", 77), "reinforcepp": ("[R++]", 114),
+    "dapo": ("[DAPO]", 165), "gspo": ("[GSPO]", 65), "sapo": ("[SAPO]", 69), "gfpo": ("[GFPO]", 117),
+    "gtpo": ("[GTPO]", 141), "ppo": ("[PPO]", 206), "dpo": ("[DPO]", 144), "drgrpo": ("[DRGRPO]", 49),
+    "cispo": ("[CISPO]", 65), "rloo": ("[RLOO]", 101), "maxrl": ("[MAXRL]", 78), "gmpo": ("[GMPO]", 63),
+    "gdpo": ("[GDPO]", 75), "dppo": ("[DPPO]", 75), "reinforcepp": ("[R++]", 112),
 }
 TRAINERS = list(_FAMILY)
 MARKERS = {name: marker for name, (marker, _) in _FAMILY.items() if marker}
